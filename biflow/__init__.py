@@ -1,0 +1,1 @@
+"""BiFlow: bidirectional normalizing flows."""

@@ -1,0 +1,189 @@
+"""Typed configuration: pydantic models with defaults, YAML loading, flat dicts.
+
+Every setting lives in one of the section models below. A YAML file holds the same
+sections; unknown keys, wrong types and out-of-range values raise `ConfigError`
+with a one-line message that names the key and the file. `flatten` turns a config
+into `{"forward.width": 64, ...}`: the same keys are MLflow params and Tune axes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------- data
+class DataConfig(Section):
+    name: Literal["digits", "patches", "imagefolder", "shards"] = "digits"  # built-in dataset or user data
+    source: str | None = None  # imagefolder: class-per-folder root; shards: a prepared shard directory
+    image_size: int = Field(16, ge=4, le=1024)  # patches/imagefolder: output side (digits are always 8)
+    patches_per_image: int = Field(400, ge=1)  # patches: random crops per bundled photo
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out split (digits uses a fixed seed)
+    rows_per_shard: int = Field(4096, ge=1)  # Parquet shard size
+    seed: int = 0  # split and crop seed
+
+
+# ------------------------------------------------------------------ forward flow
+FORWARD_SIZES: dict[str, dict[str, Any]] = {
+    # name: architecture (geometry comes from the data). Parameter counts are in tests.
+    "tiny": dict(width=32, layers_per_block=1, num_blocks=2, heads=2),  # unit tests
+    "digits": dict(width=64, layers_per_block=2, num_blocks=4, heads=4),  # CPU demo, minutes
+    "S": dict(width=256, layers_per_block=2, num_blocks=4, heads=4),
+    "cpu-paper": dict(width=128, layers_per_block=1, num_blocks=8, heads=4),  # paper geometry, CPU width
+    "B": dict(width=768, layers_per_block=2, num_blocks=8, heads=12),  # iTARFlow-B/2 ~ 120M at 256x16 tokens
+    "XL": dict(width=1152, layers_per_block=5, num_blocks=8, heads=16),  # iTARFlow-XL/2 ~ 690M
+}
+
+
+def _apply_size(data: Any, sizes: dict[str, dict[str, Any]]) -> Any:
+    """`size: NAME` fills the architecture fields not given explicitly."""
+    if isinstance(data, dict) and data.get("size") is not None:
+        name = data["size"]
+        if name not in sizes:
+            raise ValueError(f"unknown size {name!r}; choose one of {sorted(sizes)}")
+        data = {**sizes[name], **data}
+    return data
+
+
+class ForwardConfig(Section):
+    size: str | None = "digits"  # named size from FORWARD_SIZES; explicit fields override it
+    in_channels: int = Field(1, ge=1)  # image channels (set from the dataset)
+    image_size: int = Field(8, ge=1)  # image side (set from the dataset)
+    patch_size: int = Field(2, ge=1)  # p: tokens are p x p x C patches
+    width: int = Field(64, ge=8)  # transformer width inside each flow block
+    layers_per_block: int = Field(2, ge=1)  # causal transformer layers per flow block
+    num_blocks: int = Field(4, ge=1)  # B: flow blocks, alternating token order
+    heads: int = Field(4, ge=1)  # attention heads
+    mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
+    num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label is added for guidance
+    label_drop: float = Field(0.1, ge=0.0, le=1.0)  # p_drop for classifier-free guidance
+    noise_std: float = Field(0.05, ge=0.0)  # sigma of noise augmentation x~ = x + sigma*eps (data in [-1,1])
+    clip: float | None = Field(4.0, gt=0)  # norm control: a <- c*tanh(a/c); None disables it
+    clip_shift: bool = False  # also soft-clip the shift b (same c)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data: Any) -> Any:
+        return _apply_size(data, FORWARD_SIZES)
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> "ForwardConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+
+# ---------------------------------------------------------------------- training
+class TrainConfig(Section):
+    steps: int = Field(2000, ge=1)  # optimiser steps
+    batch_size: int = Field(128, ge=1)  # global batch (split over Ray workers)
+    lr: float = Field(1e-3, gt=0)  # peak learning rate (TARFlow used 1e-4 at ImageNet scale)
+    weight_decay: float = Field(1e-4, ge=0)  # AdamW decoupled weight decay
+    beta1: float = Field(0.9, ge=0, lt=1)  # AdamW beta1
+    beta2: float = Field(0.95, ge=0, lt=1)  # AdamW beta2 (TARFlow recipe)
+    warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # floor of the cosine schedule
+    grad_clip: float | None = Field(1.0, gt=0)  # global grad-norm clip; None disables
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights (used for sampling/eval)
+    log_every: int = Field(50, ge=1)  # steps between log lines / metrics
+    ckpt_every: int = Field(500, ge=1)  # steps between atomic checkpoints
+    seed: int = 0  # torch seed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    num_workers: int = Field(0, ge=0)  # Ray Train workers; 0 = in-process
+
+
+class ExperimentConfig(Section):
+    data: DataConfig = DataConfig()
+    forward: ForwardConfig = ForwardConfig()
+    train_forward: TrainConfig = TrainConfig()
+
+
+# -------------------------------------------------------------------- loading
+def _one_line(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    extra = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {key}: {msg}{extra}"
+
+
+def validate(model: type[BaseModel], data: dict, where: str = "config"):
+    """Build `model` from a dict; any problem becomes a one-line ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, where)) from None
+
+
+def load_yaml(path: str | Path, model: type[BaseModel] = ExperimentConfig, overrides: list[str] = ()):
+    """Load and validate a YAML config file; `overrides` are `a.b=value` strings (YAML-parsed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides:
+        set_dotted(data, item)
+    return validate(model, data, str(path))
+
+
+def set_dotted(data: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override in place (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"section.key": value}; the inverse of `unflatten`."""
+    data = cfg.model_dump() if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        *parents, leaf = k.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
