@@ -13,8 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from biflow.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line."""
 
 
@@ -28,7 +30,7 @@ class DataConfig(Section):
     source: str | None = None  # imagefolder: class-per-folder root; shards: a prepared shard directory
     image_size: int = Field(16, ge=4, le=1024)  # patches/imagefolder: output side (digits are always 8)
     patches_per_image: int = Field(400, ge=1)  # patches: random crops per bundled photo
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out split (digits uses a fixed seed)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out fraction (stratified split, seeded by `seed`)
     rows_per_shard: int = Field(4096, ge=1)  # Parquet shard size
     seed: int = 0  # split and crop seed
 
@@ -93,6 +95,100 @@ class ForwardConfig(Section):
         return self.in_channels * self.patch_size**2
 
 
+# ------------------------------------------------------------------ reverse model
+REVERSE_SIZES: dict[str, dict[str, Any]] = {
+    # name: architecture; num_blocks matches the forward size of the same name (geometry comes from the flow).
+    "tiny": dict(width=32, depth=3, heads=2, num_blocks=2),  # unit tests
+    "digits": dict(width=64, depth=6, heads=4, num_blocks=4),  # CPU demo
+    "S": dict(width=384, depth=12, heads=6, num_blocks=4),  # DiT-S trunk
+    "cpu-paper": dict(width=128, depth=9, heads=4, num_blocks=8),  # paper geometry, CPU width
+    "B": dict(width=768, depth=12, heads=12, num_blocks=8),  # BiFlow-B/2: ~129M at 256x16 tokens (paper: 133M)
+    "L": dict(width=1024, depth=24, heads=16, num_blocks=8),  # DiT-L trunk
+    "XL": dict(width=1152, depth=28, heads=16, num_blocks=8),  # DiT-XL trunk
+}
+
+
+class ReverseConfig(Section):
+    size: str | None = "digits"  # named size from REVERSE_SIZES; explicit fields override it
+    in_channels: int = Field(1, ge=1)  # image channels (copied from the forward flow)
+    image_size: int = Field(8, ge=1)  # image side (copied from the forward flow)
+    patch_size: int = Field(2, ge=1)  # p: same patch tokens as the forward flow
+    width: int = Field(64, ge=8)  # transformer width
+    depth: int = Field(6, ge=1)  # total transformer layers over all segments
+    heads: int = Field(4, ge=1)  # attention heads
+    mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
+    num_blocks: int = Field(4, ge=1)  # B of the forward flow: B flow segments + 1 denoising segment
+    segment_layers: list[int] | None = None  # layers per segment (B + 1 entries, sum = depth); None = even split
+    attention: Literal["bidirectional", "causal"] = "bidirectional"  # causal (raster order) is an ablation
+    head_feedback: bool = False  # False: hidden alignment (heads only read); True: hidden distillation (heads replace the stream)
+    num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label at index num_classes
+    w_max: float = Field(3.0, ge=0)  # training-time CFG: w ~ U[0, w_max]; 0 disables guidance training
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data: Any) -> Any:
+        return _apply_size(data, REVERSE_SIZES)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReverseConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        parts = self.num_blocks + 1
+        if self.segment_layers is None:
+            if self.depth < parts:
+                raise ValueError(f"depth {self.depth} < {parts} segments (num_blocks + 1); every segment needs a layer")
+        elif len(self.segment_layers) != parts or sum(self.segment_layers) != self.depth or min(self.segment_layers) < 1:
+            raise ValueError(
+                f"segment_layers {self.segment_layers} must have num_blocks + 1 = {parts} entries >= 1 summing to depth {self.depth}"
+            )
+        return self
+
+    @classmethod
+    def for_flow(cls, forward: ForwardConfig, **fields: Any) -> "ReverseConfig":
+        """A reverse config whose geometry, block count and classes match the forward flow's."""
+        copied = dict(in_channels=forward.in_channels, image_size=forward.image_size, patch_size=forward.patch_size,
+                      num_blocks=forward.num_blocks, num_classes=forward.num_classes)
+        return cls(**{**copied, **fields})
+
+    @property
+    def segments(self) -> list[int]:
+        """Layers per segment: B flow segments (forward blocks in reverse order), then the denoising segment.
+
+        The default split is as even as possible; the earlier (noisier) segments get the extra layers.
+        """
+        if self.segment_layers is not None:
+            return list(self.segment_layers)
+        parts = self.num_blocks + 1
+        return [self.depth // parts + (i < self.depth % parts) for i in range(parts)]
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.in_channels * self.patch_size**2
+
+
+class ReverseLossConfig(Section):
+    strategy: Literal["hidden_alignment", "naive_distillation", "hidden_distillation"] = "hidden_alignment"  # paper's ablation
+    denoising: Literal["learned", "none", "score"] = "learned"  # final target: clean x | noisy x~ | x~ + Tweedie step at sampling
+    normalize: bool = True  # reverse-side norm control: divide prediction and target by the target's per-sample RMS
+    distance: Literal["mse"] = "mse"  # distance D on trajectory states and the final output
+    align: float = Field(1.0, ge=0)  # static weight of the hidden-alignment sum (one term per forward state)
+    recon: float = Field(1.0, ge=0)  # static weight of the final-output term
+    perceptual: float = Field(0.0, ge=0)  # static weight of the perceptual term on the final output (0: off)
+    adaptive_p: float = Field(1.0, ge=0)  # adaptive weighting sg((D + c)^-p) * D; 0 = plain D
+    adaptive_c: float = Field(1e-2, gt=0)  # c of the adaptive weighting
+    label_drop: float = Field(0.1, ge=0.0, le=1.0)  # label dropout; dropped samples train the unconditional G with w = 0
+    cfg_uncond_grad: bool = False  # [ours] backprop through the unconditional CFG pass (default: stop-gradient)
+    perceptual_net: Literal["random_conv", "vgg_lpips", "convnext"] = "random_conv"  # random_conv: offline, NOT the paper's nets
+    perceptual_weights: str | None = None  # local state-dict file for vgg_lpips / convnext (nothing is downloaded)
+    perceptual_crop: float | None = Field(None, gt=0, le=1)  # shared random-resized crop: min area fraction; None = off
+
+
 # ---------------------------------------------------------------------- training
 class TrainConfig(Section):
     steps: int = Field(2000, ge=1)  # optimiser steps
@@ -136,20 +232,22 @@ def validate(model: type[BaseModel], data: dict, where: str = "config"):
         raise ConfigError(_one_line(err, where)) from None
 
 
-def load_yaml(path: str | Path, model: type[BaseModel] = ExperimentConfig, overrides: list[str] = ()):
-    """Load and validate a YAML config file; `overrides` are `a.b=value` strings (YAML-parsed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+def load_yaml(path: str | Path | None, model: type[BaseModel] = ExperimentConfig, overrides: list[str] = ()):
+    """Load and validate a YAML config (None: all defaults); `overrides` are `a.b=value` strings (YAML-parsed)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     for item in overrides:
         set_dotted(data, item)
-    return validate(model, data, str(path))
+    return validate(model, data, str(path) if path is not None else "--set")
 
 
 def set_dotted(data: dict, item: str) -> None:

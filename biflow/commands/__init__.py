@@ -1,0 +1,1 @@
+"""One module per `biflow` subcommand (discovered by biflow.cli)."""

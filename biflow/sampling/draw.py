@@ -1,0 +1,56 @@
+"""One entry point for drawing samples from a checkpoint with a named sampler (CLI, eval, pipelines)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from biflow.checkpoint import load_checkpoint, read_checkpoint
+from biflow.errors import UserError
+
+SAMPLERS = ("1nfe", "exact")
+
+
+def forward_checkpoint_of(path: str | Path) -> Path:
+    """A forward checkpoint is itself; a reverse checkpoint names the forward flow it was trained against."""
+    ckpt = read_checkpoint(path)
+    if ckpt["kind"] == "forward":
+        return Path(path)
+    ref = ckpt.get("forward_checkpoint")
+    if not ref:
+        raise UserError(f"{path}: reverse checkpoint does not record its forward flow")
+    return Path(ref)
+
+
+def class_labels(num: int, label: int | None, num_classes: int) -> torch.Tensor | None:
+    """A fixed label, or classes in turn (0, 1, ..., K-1, 0, ...) for a class-conditional model."""
+    if not num_classes:
+        if label is not None:
+            raise UserError("--label given but the model is unconditional")
+        return None
+    if label is not None and not 0 <= label < num_classes:
+        raise UserError(f"--label {label} is out of range: the model has {num_classes} classes")
+    return torch.full((num,), label) if label is not None else torch.arange(num) % num_classes
+
+
+def draw(path: str | Path, sampler: str, num: int, label: int | None = None, guidance: float = 0.0,
+         denoise: bool = True, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples (num, C, H, W) in model space and their labels, from the checkpoint at `path`."""
+    from biflow.sampling import sample_1nfe, sample_exact, tweedie_denoise
+
+    gen = torch.Generator(device).manual_seed(seed)
+    if sampler == "exact":
+        flow = load_checkpoint(forward_checkpoint_of(path), device=device)
+        labels = class_labels(num, label, flow.cfg.num_classes)
+        return sample_exact(flow, num, labels, guidance, denoise, generator=gen), labels
+    if sampler == "1nfe":
+        ckpt = read_checkpoint(path)
+        if ckpt["kind"] != "reverse":
+            raise UserError(f"{path}: the 1nfe sampler needs a reverse-model checkpoint (this one is {ckpt['kind']})")
+        reverse = load_checkpoint(path, device=device)
+        labels = class_labels(num, label, reverse.cfg.num_classes)
+        x = sample_1nfe(reverse, num, labels, guidance, generator=gen)
+        if ckpt.get("denoising") == "score" and denoise:  # trained without learned denoising: TARFlow's step
+            x = tweedie_denoise(load_checkpoint(forward_checkpoint_of(path), device=device), x, labels)
+        return x, labels
+    raise UserError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
