@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biflow.data.atomic import atomic_path, atomic_write_bytes
+from biflow.atomic import atomic_path, atomic_write_bytes
 from biflow.errors import UserError
 
 FORMAT = "biflow-shards"

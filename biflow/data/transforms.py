@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from biflow.data.atomic import atomic_write_bytes
+from biflow.atomic import atomic_write_bytes
 from biflow.data.shards import ShardSet
 
 
