@@ -210,9 +210,12 @@ class TrainConfig(Section):
 
 
 class ExperimentConfig(Section):
-    data: DataConfig = DataConfig()
-    forward: ForwardConfig = ForwardConfig()
-    train_forward: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()  # dataset and shards
+    forward: ForwardConfig = ForwardConfig()  # stage-1 model F
+    train_forward: TrainConfig = TrainConfig()  # stage-1 optimisation
+    reverse: ReverseConfig = ReverseConfig()  # stage-2 model G (geometry is copied from F)
+    reverse_loss: ReverseLossConfig = ReverseLossConfig()  # stage-2 objective
+    train_reverse: TrainConfig = TrainConfig()  # stage-2 optimisation
 
 
 # -------------------------------------------------------------------- loading
