@@ -62,8 +62,9 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, ckpt_path: Path, meta: dict[str, Any]):
         self.cfg, self.ckpt_path, self.meta = cfg, Path(ckpt_path), meta
         self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device).train()
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.model = model.to(self.device).train()  # may be DDP-wrapped (Ray Train); `net` is the bare model
+        self.net: nn.Module = getattr(model, "module", model)
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.opt = make_optimizer(self.model, cfg, self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.step = 0
@@ -71,8 +72,8 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "kind": model_kind(self.model), "config": self.model.cfg.model_dump(),
-            "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+            "format": FORMAT, "kind": model_kind(self.net), "config": self.net.cfg.model_dump(),
+            "model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
             "ema_count": self.ema.n_averaged.clone(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "step": self.step, "metrics": dict(self.metrics),
             "train": self.cfg.model_dump(), **self.meta,
@@ -86,11 +87,11 @@ class Trainer:
         if not self.ckpt_path.exists():
             return False
         ckpt = read_checkpoint(self.ckpt_path, map_location=self.device)
-        if ckpt["kind"] != model_kind(self.model) or ckpt["config"] != self.model.cfg.model_dump():
-            diff = sorted(k for k, v in self.model.cfg.model_dump().items() if ckpt["config"].get(k) != v)
+        if ckpt["kind"] != model_kind(self.net) or ckpt["config"] != self.net.cfg.model_dump():
+            diff = sorted(k for k, v in self.net.cfg.model_dump().items() if ckpt["config"].get(k) != v)
             raise CheckpointError(f"{self.ckpt_path}: was trained with another architecture (differs in {diff or ckpt['kind']}); "
                                   "delete it or choose another output directory")
-        load_weights(self.model, ckpt["model"], str(self.ckpt_path))
+        load_weights(self.net, ckpt["model"], str(self.ckpt_path))
         load_weights(self.ema.module, ckpt["ema"], str(self.ckpt_path))
         self.ema.n_averaged.copy_(ckpt["ema_count"])
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -114,7 +115,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.opt.step()
         self.sched.step()
-        self.ema.update_parameters(self.model)
+        self.ema.update_parameters(self.net)
         self.step += 1
         scalars = {k: float(v.detach()) for k, v in out.items()}
         scalars.update(grad_norm=float(grad_norm), lr=self.sched.get_last_lr()[0])
