@@ -51,7 +51,7 @@ def _apply_size(data: Any, sizes: dict[str, dict[str, Any]]) -> Any:
     """`size: NAME` fills the architecture fields not given explicitly."""
     if isinstance(data, dict) and data.get("size") is not None:
         name = data["size"]
-        if name not in sizes:
+        if not isinstance(name, str) or name not in sizes:
             raise ValueError(f"unknown size {name!r}; choose one of {sorted(sizes)}")
         data = {**sizes[name], **data}
     return data
@@ -248,6 +248,7 @@ def load_yaml(path: str | Path | None, model: type[BaseModel] = ExperimentConfig
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        data = {k: {} if v is None else v for k, v in data.items()}  # an empty `section:` means its defaults
     for item in overrides:
         set_dotted(data, item)
     return validate(model, data, str(path) if path is not None else "--set")
@@ -261,7 +262,9 @@ def set_dotted(data: dict, item: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = data
     for p in parents:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or an empty `section:` in YAML
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
     node[leaf] = yaml.safe_load(raw)

@@ -353,11 +353,6 @@ def test_nll_loss_is_per_dim_nll_without_gaussian_constant(tiny_flow):
     assert nll_loss(z, logdet).item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.xfail(
-    reason="nll.py nll_loss casts z with .float(), so a float64 flow's loss is computed in float32 "
-    "(error ~1e-8); _at_least_fp32-style casting would keep float64",
-    strict=True,
-)
 def test_nll_loss_keeps_float64_precision(make_flow):
     """With a float64 flow, nll_loss agrees with log_prob to float64 precision."""
     flow = make_flow(dtype=torch.float64)
@@ -415,11 +410,6 @@ def test_tweedie_denoise_uses_given_sigma_and_zero_sigma_is_identity(tiny_flow):
     assert torch.equal(tweedie_denoise(tiny_flow, x, y, sigma=0.0), x)
 
 
-@pytest.mark.xfail(
-    reason="sample_exact draws z with torch.randn in the default dtype (float32), not the model's dtype, "
-    "so a float64 flow fails in proj_in with a dtype mismatch (biflow/sampling/exact.py)",
-    strict=True,
-)
 def test_sample_exact_follows_model_dtype(make_flow):
     """A float64 flow samples in float64."""
     flow = make_flow(dtype=torch.float64)

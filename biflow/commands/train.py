@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from biflow.config import ExperimentConfig, load_yaml
 
 HELP = "train stage 1 (forward flow) from an experiment YAML; rerunning resumes from the checkpoint"
@@ -18,7 +20,7 @@ def add_arguments(p) -> None:
 
 def print_log(step: int, metrics: dict) -> None:
     shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k)
-    print(f"step {step}: {shown}", flush=True)
+    tqdm.write(f"step {step}: {shown}")
 
 
 def run(args) -> int:

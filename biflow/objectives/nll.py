@@ -12,7 +12,8 @@ PIXEL_BIN_LOG = math.log(127.5)
 def nll_loss(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     """0.5 * mean(z^2) - mean(logdet) / dims: the NLL per dimension without the Gaussian constant."""
     dims = z[0].numel()
-    return 0.5 * z.float().pow(2).mean() - logdet.mean() / dims
+    z = z if z.dtype == torch.float64 else z.float()
+    return 0.5 * z.pow(2).mean() - logdet.mean() / dims
 
 
 def bits_per_dim(log_prob: torch.Tensor, dims: int, pixels: bool = True) -> torch.Tensor:

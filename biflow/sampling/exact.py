@@ -35,9 +35,9 @@ def sample_exact(
     labels: None (unconditional / null label), an int for all samples, or a (num,) tensor.
     Cost: B * (T - 1) sequential network steps (x2 rows with guidance), plus a forward+backward to denoise.
     """
-    device = next(flow.parameters()).device
+    param = next(flow.parameters())
     if isinstance(labels, int):
-        labels = torch.full((num,), labels, dtype=torch.long, device=device)
-    z = torch.randn((num, *flow.image_shape()), device=device, generator=generator)
+        labels = torch.full((num,), labels, dtype=torch.long, device=param.device)
+    z = torch.randn((num, *flow.image_shape()), device=param.device, dtype=param.dtype, generator=generator)
     x = flow.inverse(z, labels, guidance)
     return tweedie_denoise(flow, x, labels) if denoise else x
