@@ -132,11 +132,16 @@ def fit(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    is_main: bool = True,
+    on_checkpoint: Callable[[Path, int, dict[str, float]], None] | None = None,
 ) -> Trainer:
     """Train `model` for cfg.steps optimiser steps, resuming from `ckpt_path` if it exists.
 
     meta: extra JSON-like entries stored in the checkpoint (e.g. the data config, the forward-flow path).
     on_log(step, metrics): called every cfg.log_every steps with averaged scalars and throughput.
+    is_main: whether this process writes checkpoints (data-parallel training: rank 0 only).
+    on_checkpoint(path, step, metrics): called on every process right after each checkpoint step
+        (the file exists only where is_main); Ray Train reports checkpoints from here.
     Returns the Trainer (model, EMA, final metrics); the final checkpoint is at ckpt_path.
     """
     torch.manual_seed(cfg.seed)
@@ -166,9 +171,13 @@ def fit(
                     on_log(trainer.step, dict(trainer.metrics))
                 window, tick, seen = {}, time.perf_counter(), 0
             if trainer.step % cfg.ckpt_every == 0 or trainer.step == cfg.steps:
-                trainer.save()
+                if is_main:
+                    trainer.save()
+                if on_checkpoint is not None:
+                    on_checkpoint(trainer.ckpt_path, trainer.step, dict(trainer.metrics))
     except KeyboardInterrupt:
-        trainer.save()  # keep the work done so far; rerunning resumes from here
+        if is_main:
+            trainer.save()  # keep the work done so far; rerunning resumes from here
         raise
     finally:
         bar.close()
