@@ -36,7 +36,7 @@ def class_labels(num: int, label: int | None, num_classes: int) -> torch.Tensor 
 def draw(path: str | Path, sampler: str, num: int, label: int | None = None, guidance: float = 0.0,
          denoise: bool = True, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Samples (num, C, H, W) in model space and their labels, from the checkpoint at `path`."""
-    from biflow.sampling import sample_1nfe, sample_exact, tweedie_denoise
+    from biflow.sampling import sample_1nfe, sample_exact
 
     gen = torch.Generator(device).manual_seed(seed)
     if sampler == "exact":
@@ -49,8 +49,7 @@ def draw(path: str | Path, sampler: str, num: int, label: int | None = None, gui
             raise UserError(f"{path}: the 1nfe sampler needs a reverse-model checkpoint (this one is {ckpt['kind']})")
         reverse = load_checkpoint(path, device=device)
         labels = class_labels(num, label, reverse.cfg.num_classes)
-        x = sample_1nfe(reverse, num, labels, guidance, generator=gen)
-        if ckpt.get("denoising") == "score" and denoise:  # trained without learned denoising: TARFlow's step
-            x = tweedie_denoise(load_checkpoint(forward_checkpoint_of(path), device=device), x, labels)
-        return x, labels
+        score_step = ckpt.get("denoising") == "score" and denoise  # trained without learned denoising: TARFlow's step
+        flow = load_checkpoint(forward_checkpoint_of(path), device=device) if score_step else None
+        return sample_1nfe(reverse, num, labels, guidance, generator=gen, denoise_flow=flow), labels
     raise UserError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
