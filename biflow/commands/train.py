@@ -1,4 +1,4 @@
-"""biflow train: train the forward flow (stage 1) from an experiment config; reruns resume."""
+"""biflow train: train stage 1 (forward flow) or stage 2 (reverse model) from an experiment config; reruns resume."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,15 +6,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from biflow.config import ExperimentConfig, load_yaml
+from biflow.errors import UserError
 
-HELP = "train stage 1 (forward flow) from an experiment YAML; rerunning resumes from the checkpoint"
+HELP = "train stage 1 (forward flow) or stage 2 (reverse model); rerunning resumes from the checkpoint"
 
 
 def add_arguments(p) -> None:
+    p.add_argument("--stage", choices=("forward", "reverse"), default="forward",
+                   help="forward: OUT/forward.pt; reverse: OUT/reverse.pt against --forward")
+    p.add_argument("--forward", type=Path, help="stage 2: the trained forward checkpoint (default: OUT/forward.pt)")
     p.add_argument("--config", type=Path, help="experiment YAML (defaults: digits demo settings)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train_forward.steps=500")
-    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint: OUT/forward.pt)")
+                   help="override a setting, e.g. --set train_forward.steps=500 --set reverse_loss.strategy=naive_distillation")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
@@ -24,9 +28,19 @@ def print_log(step: int, metrics: dict) -> None:
 
 
 def run(args) -> int:
+    from biflow.checkpoint import read_checkpoint
     from biflow.training.forward import train_forward
+    from biflow.training.reverse import train_reverse
 
     cfg = load_yaml(args.config, ExperimentConfig, args.overrides)
-    trainer, ckpt = train_forward(cfg, args.out, on_log=print_log, progress=not args.no_progress)
-    print(f"forward flow: {trainer.step} steps, checkpoint {ckpt}")
+    progress = not args.no_progress
+    if args.stage == "forward":
+        trainer, ckpt = train_forward(cfg, args.out, on_log=print_log, progress=progress)
+    else:
+        forward = args.forward or args.out / "forward.pt"
+        if not forward.is_file():
+            raise UserError(f"{forward}: no forward checkpoint; train stage 1 first or pass --forward")
+        data_dir = read_checkpoint(forward)["data_dir"]
+        trainer, ckpt = train_reverse(cfg, args.out, forward, data_dir, on_log=print_log, progress=progress)
+    print(f"{args.stage}: {trainer.step} steps, checkpoint {ckpt}")
     return 0

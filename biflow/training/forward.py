@@ -68,7 +68,7 @@ def train_forward(cfg: ExperimentConfig, out_dir: str | Path, on_log: Callable |
     fcfg = with_geometry(cfg.forward, train.meta)
     flow = ForwardFlow(fcfg)
     ckpt = out_dir / "forward.pt"
-    meta = {"data": cfg.data.model_dump(), "data_dir": str(data_dir), "data_hash": train.content_hash}
+    meta = {"data": cfg.data.model_dump(), "data_dir": str(Path(data_dir).resolve()), "data_hash": train.content_hash}
     tcfg = cfg.train_forward
     trainer = fit(flow, forward_step(fcfg), lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start),
                   tcfg, ckpt, meta=meta, on_log=on_log, desc="stage 1: forward flow", progress=progress)
