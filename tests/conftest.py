@@ -37,3 +37,44 @@ def make_flow():
 def tiny_flow(make_flow) -> ForwardFlow:
     """A random non-trivial tiny flow in float32: 1 channel, 4x4 image, 2x2 patches, 3 classes."""
     return make_flow()
+
+
+# ------------------------------------------------------------- trained digits models (once per session)
+DIGITS_STEPS = {"forward": 600, "reverse": 400}  # a few minutes of CI time; 900/600 gave 0.98 class accuracy
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory):
+    """Both BiFlow stages trained once on the built-in digits: paths, models and the data splits."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from biflow.checkpoint import load_checkpoint
+    from biflow.config import ExperimentConfig, validate
+    from biflow.data import load_split
+    from biflow.training.forward import train_forward
+    from biflow.training.reverse import train_reverse
+
+    out = tmp_path_factory.mktemp("digits_run")
+    cfg = validate(ExperimentConfig, {"train_forward": {"steps": DIGITS_STEPS["forward"], "log_every": 300},
+                                      "train_reverse": {"steps": DIGITS_STEPS["reverse"], "log_every": 300}})
+    fwd, fwd_ckpt = train_forward(cfg, out, progress=False)
+    forward_sha = hashlib.sha256(fwd_ckpt.read_bytes()).hexdigest()
+    rev, rev_ckpt = train_reverse(cfg, out, fwd_ckpt, fwd.meta["data_dir"], progress=False)
+    data_dir = fwd.meta["data_dir"]
+    return SimpleNamespace(
+        out=out, cfg=cfg, forward_ckpt=fwd_ckpt, reverse_ckpt=rev_ckpt, forward_sha=forward_sha,
+        flow=load_checkpoint(fwd_ckpt), reverse=load_checkpoint(rev_ckpt), data_dir=data_dir,
+        train=load_split(data_dir, "train"), test=load_split(data_dir, "test"),
+        forward_metrics=fwd.metrics, reverse_metrics=rev.metrics,
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_evaluator(digits_models, tmp_path_factory):
+    """The digits classifier of biflow.metrics, trained on the training split (cached per session)."""
+    from biflow.metrics.evaluator import load_or_train_evaluator
+
+    train = digits_models.train
+    return load_or_train_evaluator(train.images, train.labels, content_hash=train.content_hash,
+                                   cache_dir=tmp_path_factory.mktemp("evaluator_cache"))
