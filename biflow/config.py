@@ -8,7 +8,7 @@ into `{"forward.width": 64, ...}`: the same keys are MLflow params and Tune axes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -57,29 +57,23 @@ def _apply_size(data: Any, sizes: dict[str, dict[str, Any]]) -> Any:
     return data
 
 
-class ForwardConfig(Section):
-    size: str | None = "digits"  # named size from FORWARD_SIZES; explicit fields override it
-    in_channels: int = Field(1, ge=1)  # image channels (set from the dataset)
-    image_size: int = Field(8, ge=1)  # image side (set from the dataset)
+class TokenModel(Section):
+    """Shared by both networks: the patch-token geometry, the transformer width, and the named sizes."""
+
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = {}
+    in_channels: int = Field(1, ge=1)  # image channels (set from the dataset / the forward flow)
+    image_size: int = Field(8, ge=1)  # image side (set from the dataset / the forward flow)
     patch_size: int = Field(2, ge=1)  # p: tokens are p x p x C patches
-    width: int = Field(64, ge=8)  # transformer width inside each flow block
-    layers_per_block: int = Field(2, ge=1)  # causal transformer layers per flow block
-    num_blocks: int = Field(4, ge=1)  # B: flow blocks, alternating token order
+    width: int = Field(64, ge=8)  # transformer width
     heads: int = Field(4, ge=1)  # attention heads
-    mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
-    num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label is added for guidance
-    label_drop: float = Field(0.1, ge=0.0, le=1.0)  # p_drop for classifier-free guidance
-    noise_std: float = Field(0.05, ge=0.0)  # sigma of noise augmentation x~ = x + sigma*eps (data in [-1,1])
-    clip: float | None = Field(4.0, gt=0)  # norm control: a <- c*tanh(a/c); None disables it
-    clip_shift: bool = False  # also soft-clip the shift b (same c)
 
     @model_validator(mode="before")
     @classmethod
     def _size_defaults(cls, data: Any) -> Any:
-        return _apply_size(data, FORWARD_SIZES)
+        return _apply_size(data, cls.SIZES)
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> "ForwardConfig":
+    def _check_geometry(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if self.width % self.heads:
@@ -95,6 +89,19 @@ class ForwardConfig(Section):
         return self.in_channels * self.patch_size**2
 
 
+class ForwardConfig(TokenModel):
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = FORWARD_SIZES
+    size: str | None = "digits"  # named size from FORWARD_SIZES; explicit fields override it
+    layers_per_block: int = Field(2, ge=1)  # causal transformer layers per flow block
+    num_blocks: int = Field(4, ge=1)  # B: flow blocks, alternating token order
+    mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
+    num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label is added for guidance
+    label_drop: float = Field(0.1, ge=0.0, le=1.0)  # p_drop for classifier-free guidance
+    noise_std: float = Field(0.05, ge=0.0)  # sigma of noise augmentation x~ = x + sigma*eps (data in [-1,1])
+    clip: float | None = Field(4.0, gt=0)  # norm control: a <- c*tanh(a/c); None disables it
+    clip_shift: bool = False  # also soft-clip the shift b (same c)
+
+
 # ------------------------------------------------------------------ reverse model
 REVERSE_SIZES: dict[str, dict[str, Any]] = {
     # name: architecture; num_blocks matches the forward size of the same name (geometry comes from the flow).
@@ -108,14 +115,10 @@ REVERSE_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-class ReverseConfig(Section):
+class ReverseConfig(TokenModel):
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = REVERSE_SIZES
     size: str | None = "digits"  # named size from REVERSE_SIZES; explicit fields override it
-    in_channels: int = Field(1, ge=1)  # image channels (copied from the forward flow)
-    image_size: int = Field(8, ge=1)  # image side (copied from the forward flow)
-    patch_size: int = Field(2, ge=1)  # p: same patch tokens as the forward flow
-    width: int = Field(64, ge=8)  # transformer width
     depth: int = Field(6, ge=1)  # total transformer layers over all segments
-    heads: int = Field(4, ge=1)  # attention heads
     mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
     num_blocks: int = Field(4, ge=1)  # B of the forward flow: B flow segments + 1 denoising segment
     segment_layers: list[int] | None = None  # layers per segment (B + 1 entries, sum = depth); None = even split
@@ -124,17 +127,8 @@ class ReverseConfig(Section):
     num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label at index num_classes
     w_max: float = Field(3.0, ge=0)  # training-time CFG: w ~ U[0, w_max]; 0 disables guidance training
 
-    @model_validator(mode="before")
-    @classmethod
-    def _size_defaults(cls, data: Any) -> Any:
-        return _apply_size(data, REVERSE_SIZES)
-
     @model_validator(mode="after")
-    def _check(self) -> "ReverseConfig":
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+    def _check_segments(self) -> "ReverseConfig":
         parts = self.num_blocks + 1
         if self.segment_layers is None:
             if self.depth < parts:
@@ -162,14 +156,6 @@ class ReverseConfig(Section):
             return list(self.segment_layers)
         parts = self.num_blocks + 1
         return [self.depth // parts + (i < self.depth % parts) for i in range(parts)]
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def token_dim(self) -> int:
-        return self.in_channels * self.patch_size**2
 
 
 class ReverseLossConfig(Section):
@@ -207,6 +193,22 @@ class TrainConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     num_workers: int = Field(0, ge=0)  # Ray Train workers; 0 = in-process
+    compile: bool = False  # torch.compile the model for training (GPU: fewer, fused kernels; the first steps compile)
+
+
+# ------------------------------------------------------------------- latent space
+class LatentConfig(Section):
+    """A frozen VAE between images and the flow's space (biflow.latent; docs/PAPER_SCALE.md)."""
+
+    vae: str  # local directory of a diffusers AutoencoderKL (config.json + weights), or a hub id already in the HF cache
+    subfolder: str | None = None  # e.g. "vae" inside a whole Stable Diffusion repository
+    mode: Literal["mean", "sample"] = "mean"  # posterior mean (deterministic), or one sample seeded by the image's bytes
+    seed: int = 0  # seed of mode "sample"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # VAE compute dtype (SD-VAE overflows in float16: bf16 on GPU)
+    storage: Literal["float16", "float32"] = "float16"  # element type of the latent shards
+    scaling_factor: float | None = Field(None, gt=0)  # None: the VAE config's (SD-VAE: 0.18215, unit-variance latents)
+    shift_factor: float | None = None  # None: the VAE config's, or 0 (SD3/FLUX VAEs have one)
+    local_files_only: bool = True  # never download (hub ids must already be in the local cache)
 
 
 class ExperimentConfig(Section):

@@ -14,12 +14,12 @@ from biflow.objectives.perceptual import build_perceptual
 from biflow.objectives.reverse import reverse_step
 from biflow.training.loop import Trainer, fit, resolve_device
 
-GEOMETRY = ("in_channels", "image_size", "patch_size", "num_blocks", "num_classes")
+GEOMETRY = {"in_channels", "image_size", "patch_size", "num_blocks", "num_classes"}  # always taken from F
 
 
 def reverse_config_for(cfg: ReverseConfig, flow: ForwardFlow) -> ReverseConfig:
     """The reverse config with geometry, block count and classes taken from the trained flow."""
-    return ReverseConfig(**{**cfg.model_dump(), **{k: getattr(flow.cfg, k) for k in GEOMETRY}})
+    return ReverseConfig.for_flow(flow.cfg, **cfg.model_dump(exclude=GEOMETRY))
 
 
 def frozen_flow(path: str | Path, device: torch.device) -> ForwardFlow:
