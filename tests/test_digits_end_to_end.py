@@ -78,3 +78,20 @@ def test_the_sample_command_explains_a_wrong_checkpoint_kind(digits_models, tmp_
     code = cli(["sample", str(digits_models.forward_ckpt), "--sampler", "1nfe", "--out", str(tmp_path / "x.npz")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "reverse-model checkpoint" in err
+
+
+def test_inpainting_keeps_the_known_region_and_fills_the_rest(digits_models, tmp_path):
+    out = tmp_path / "inpaint.npz"
+    assert cli(["inpaint", str(digits_models.reverse_ckpt), "--keep", "left", "--num", "20", "--out", str(out)]) == 0
+    filled, original = np.load(out)["images"], digits_models.test.images[:20]
+    np.testing.assert_array_equal(filled[:, :, :4], original[:, :, :4])  # known half is untouched
+    assert out.with_suffix(".png").is_file()
+
+
+def test_class_editing_redraws_images_as_the_target_class(digits_models, digits_evaluator, tmp_path):
+    out = tmp_path / "edit.npz"
+    assert cli(["edit", str(digits_models.reverse_ckpt), "--to-label", "3", "--num", "40", "--guidance", "1",
+                "--out", str(out)]) == 0
+    acc = digits_evaluator.accuracy(np.load(out)["images"], np.full(40, 3))
+    print(f"\nclass editing to 3: evaluator agrees for {acc:.2f}")
+    assert acc > 0.5
