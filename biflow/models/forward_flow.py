@@ -87,7 +87,11 @@ class FlowBlock(nn.Module):
         labels = torch.cat([y, y_null]) if guided else y
         rows = 2 * n if guided else n
         head_dim = self.pos.shape[1] // self.heads
-        caches = [KVCache(rows, self.heads, length, head_dim, self.pos) for _ in self.layers]
+        device = self.pos.device.type
+        like = self.pos  # the cache holds keys/values in the dtype the layers produce (bf16 under CUDA autocast)
+        if torch.is_autocast_enabled(device):
+            like = self.pos.new_empty(0, dtype=torch.get_autocast_dtype(device))
+        caches = [KVCache(rows, self.heads, length, head_dim, like) for _ in self.layers]
         x = torch.empty_like(zb)
         x[:, 0] = zb[:, 0]  # token 0 has a = b = 0
         for t in range(length - 1):
@@ -138,6 +142,13 @@ class ForwardFlow(nn.Module):
 
     def image_shape(self) -> tuple[int, int, int]:
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+
+    def flops_per_sample(self, attention: bool = True) -> int:
+        """FLOPs of one forward pass per sample (a multiply-add = 2; causal attention counted in full; training ~3x)."""
+        cfg = self.cfg
+        t, w, d, hidden = cfg.num_tokens, cfg.width, cfg.token_dim, int(cfg.width * cfg.mlp_ratio)
+        per_layer = 2 * t * w * (3 * w + w + 2 * hidden) + (4 * t * t * w if attention else 0)
+        return cfg.num_blocks * (2 * t * d * w + cfg.layers_per_block * per_layer + 2 * t * w * 2 * d)
 
     def labels(self, y: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
         """Class labels for the blocks: None for an unconditional model, the null label where y is None."""

@@ -137,6 +137,15 @@ class ReverseModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_sample(self, attention: bool = True) -> int:
+        """FLOPs of one forward pass per sample (a multiply-add = 2): every Linear, plus attention's two T x T products."""
+        cfg = self.cfg
+        t, w, d, hidden = cfg.num_tokens, cfg.width, cfg.token_dim, int(cfg.width * cfg.mlp_ratio)
+        linear = 2 * t * d * w + 2 * (self.w_emb.freq_dim * w + w * w)  # token embedding, guidance MLP
+        linear += cfg.depth * (2 * w * 6 * w + 2 * t * w * (3 * w + w + 2 * hidden))  # adaLN, qkv, proj, MLP
+        linear += (cfg.num_blocks + 1) * 2 * t * w * d + (cfg.num_blocks * 2 * t * d * w if cfg.head_feedback else 0)
+        return linear + (cfg.depth * 4 * t * t * w if attention else 0)
+
     def image_shape(self) -> tuple[int, int, int]:
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
 

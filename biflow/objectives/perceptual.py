@@ -11,6 +11,7 @@ layer-l features of a and b, unit-normalised over channels, and lin are optional
 The first two read a LOCAL state-dict file (`torch.load(weights_only=True)`): nothing is downloaded here.
 Images are in [-1, 1]; 1-channel images are repeated to 3; images smaller than the net's `min_size` are
 upsampled; an optional shared random-resized crop (the same box for both images of a pair) comes first.
+In latent space, objectives.reverse decodes both images with the frozen VAE decoder before this distance.
 """
 from __future__ import annotations
 

@@ -5,12 +5,15 @@ Terms (each per-sample adaptively weighted, then averaged over the batch):
   (strategies hidden_alignment and hidden_distillation; naive_distillation has no hidden terms);
 - recon: D(x_pred, target) on the final output, target = clean x (denoising 'learned') or x~ =
   trajectory[0] ('none' / 'score'; with 'score' the sampler adds TARFlow's Tweedie step, see sample_1nfe);
-- perceptual: a perceptual distance between the same two images (weight 0 by default).
+- perceptual: a perceptual distance between the same two images (weight 0 by default); in latent space
+  both are first decoded to pixels by the frozen VAE decoder (`decoder`), G's output with gradient.
 
 With align = recon = 1 the total is the paper's sum over the extended trajectory [x, x^0, ..., x^{B-1}]:
 one equally weighted term per state. D is MSE per sample, optionally divided by the target's RMS^2.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -41,8 +44,12 @@ def reverse_losses(
     cfg: ReverseLossConfig,
     perceptual_net: PerceptualNet | None = None,
     generator: torch.Generator | None = None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss terms of one batch. x_pred, x_clean (N, C, H, W); hidden (B, N, T, D); trajectory (B+1, N, T, D).
+
+    decoder: model space -> images in [-1, 1] (a frozen VAE's `LatentCodec.decode`), applied before the perceptual
+    net; G's output is decoded with gradient (it reaches G through the frozen decoder), the target without.
 
     Returns 'loss' (the weighted total, with gradient) and, detached for logging: each term's adaptively
     weighted batch mean ('recon', 'align', 'perceptual' when active) and the raw distances before the
@@ -64,7 +71,12 @@ def reverse_losses(
     if cfg.perceptual > 0:
         if perceptual_net is None:
             raise ConfigError("reverse loss: perceptual > 0 needs a perceptual net (see objectives.perceptual.build_perceptual)")
-        d = perceptual_distance(perceptual_net, x_pred, unpatchify(target, p, channels), cfg.perceptual_crop, generator)
+        image_pred, image_target = x_pred, unpatchify(target, p, channels)
+        if decoder is not None:
+            image_pred = decoder(x_pred)
+            with torch.no_grad():
+                image_target = decoder(image_target)
+        d = perceptual_distance(perceptual_net, image_pred, image_target, cfg.perceptual_crop, generator)
         terms["perceptual"], raw["raw/perceptual"] = weigh(d), d.mean()
         loss = loss + cfg.perceptual * terms["perceptual"]
     return {"loss": loss, **{k: v.detach() for k, v in {**terms, **raw}.items()}}
@@ -89,12 +101,14 @@ def reverse_step(
     loss_cfg: ReverseLossConfig,
     perceptual_net: PerceptualNet | None = None,
     generator: torch.Generator | None = None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One stage-2 batch: x (N, C, H, W), labels y (N,) or None -> reverse_losses(...); call .backward() on 'loss'.
 
     x~ = x + sigma*eps (sigma = flow.cfg.noise_std); labels dropped (loss_cfg.label_drop) and w ~ U[0, w_max]
     (reverse.cfg.w_max; 0 where dropped); F encodes x~ under the same labels G sees, without gradient;
     G runs on z (plus the unconditional pass for CFG) and the conditional prediction is supervised.
+    decoder: latent -> pixels for the perceptual term (see reverse_losses); None in pixel space.
     """
     check_pair(flow, reverse, loss_cfg)
     n, device = x_clean.shape[0], x_clean.device
@@ -103,4 +117,4 @@ def reverse_step(
     with torch.no_grad():
         z, trajectory, _ = flow(x_noisy, y)  # dropped labels -> F(x~ | null): G(. | null) learns the unconditional inverse
     x_pred, hidden = recover_conditional(reverse, z, y, w, loss_cfg.cfg_uncond_grad)
-    return reverse_losses(x_pred, hidden, trajectory, x_clean, loss_cfg, perceptual_net, generator)
+    return reverse_losses(x_pred, hidden, trajectory, x_clean, loss_cfg, perceptual_net, generator, decoder)

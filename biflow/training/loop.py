@@ -1,8 +1,9 @@
 """The generic training loop shared by stage 1 (forward flow) and stage 2 (reverse model).
 
 `fit` is a plain function: tests and laptops call it in-process, Ray Train workers call it per rank.
-It owns the optimiser (AdamW), the warm-up + cosine schedule, gradient clipping, the EMA weights,
-bf16 autocast on CUDA, periodic atomic checkpoints, resuming, NaN detection and the progress bar.
+It owns the optimiser (AdamW, fused on CUDA), the warm-up + cosine schedule, gradient clipping, the EMA
+weights, bf16 autocast on CUDA, optional torch.compile, periodic atomic checkpoints, resuming, NaN
+detection and the progress bar.
 The objective is a `step_fn(model, x, y) -> {"loss": tensor, other scalars...}`.
 """
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Trainer:
         self.net: nn.Module = getattr(model, "module", model)
         self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.opt = make_optimizer(self.model, cfg, self.device)
+        if cfg.compile:  # compiled forward/backward for training only; state, EMA and checkpoints use the bare `net`
+            self.model = torch.compile(self.model)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.step = 0
         self.metrics: dict[str, float] = {}
