@@ -1,0 +1,297 @@
+"""Stage 1 and stage 2 training inside a pipeline step: in-process, or data-parallel on Ray Train.
+
+One `StageJob` describes the work; `train_stage` runs it
+
+    num_workers == 0   in the step's own process: `fit` on batches from the shards (tests, laptops);
+    num_workers >= 1   a `TorchTrainer` with `ScalingConfig(num_workers, use_gpu, resources_per_worker)`,
+                       DDP (gloo on CPU, NCCL on GPU), data from the Parquet shards through Ray Data
+                       (`read_parquet` in the step, `get_dataset_shard` in each worker), checkpoints
+                       reported by every rank (rank 0 attaches the file), `FailureConfig(max_failures)`.
+
+Either way the per-rank work is the same `fit` loop, and the run resumes from the last checkpoint:
+in-process from `<work>/<stage>.pt`; on Ray Train from the run's storage, because the run name is
+derived from the step key (never a timestamp) and a rerun with the same name continues it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from biflow.config import ExperimentConfig, TrainConfig
+from biflow.errors import UserError
+from biflow.pipeline.spec import ScalingSection
+from biflow.pipeline.tracking import RunRef, StepRun
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything a (remote) worker needs to train one stage; picklable."""
+
+    kind: str  # "forward" | "reverse"
+    config: dict[str, Any]  # ExperimentConfig.model_dump() (the pipeline section is not needed)
+    data_dir: str  # prepared root holding train/ and test/ (local to the step)
+    train_uri: str  # the train shards as Ray Data reads them (the same path, or a storage URI)
+    data_meta: dict[str, Any]  # the shards' manifest meta (image_shape [H, W, C], num_classes, ...)
+    data_hash: str  # the train shards' content hash
+    work_dir: str  # local resumable state of the step (in-process checkpoint)
+    forward_ckpt: str | None = None  # reverse: the trained forward flow, local to the step
+    forward_ckpt_uri: str | None = None  # ... and in storage, for workers on other machines
+    run: RunRef | None = None  # the step's MLflow child run (rank 0 logs curves into it)
+
+    @property
+    def ckpt_name(self) -> str:
+        return f"{self.kind}.pt"
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        cfg = ExperimentConfig.model_validate(self.config)
+        return cfg.train_forward if self.kind == "forward" else cfg.train_reverse
+
+
+class _DDP(DistributedDataParallel):
+    """DDP whose unknown attributes fall through to the wrapped model (objectives read `model.cfg`)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def build_stage(job: StageJob, device: torch.device):
+    """-> (model, step_fn, meta, desc) for one stage; geometry comes from the data (forward) or the flow (reverse)."""
+    cfg = ExperimentConfig.model_validate(job.config)
+    meta = {"data": cfg.data.model_dump(), "data_dir": job.data_dir, "data_hash": job.data_hash}
+    if job.kind == "forward":
+        from biflow.models.forward_flow import ForwardFlow
+        from biflow.training.forward import forward_step, with_geometry
+
+        fcfg = with_geometry(cfg.forward, job.data_meta)
+        return ForwardFlow(fcfg), forward_step(fcfg), meta, "stage 1: forward flow"
+    from biflow.models.reverse import ReverseModel
+    from biflow.objectives.perceptual import build_perceptual
+    from biflow.objectives.reverse import reverse_step
+    from biflow.training.reverse import frozen_flow, reverse_config_for
+
+    flow = frozen_flow(_local_file(job.forward_ckpt, job.forward_ckpt_uri), device)
+    loss_cfg = cfg.reverse_loss
+    pnet = build_perceptual(loss_cfg).to(device) if loss_cfg.perceptual > 0 else None
+
+    def step(model, x, y):
+        return reverse_step(flow, model, x, y, loss_cfg, pnet)
+
+    meta.update(forward_checkpoint=str(Path(job.forward_ckpt).resolve()), denoising=loss_cfg.denoising,
+                reverse_loss=loss_cfg.model_dump())
+    return ReverseModel(reverse_config_for(cfg.reverse, flow)), step, meta, "stage 2: reverse model"
+
+
+def _local_file(path: str, uri: str | None) -> str:
+    """`path` if this machine has it, else a download of `uri` (a worker on another node of the cluster)."""
+    if Path(path).is_file() or not uri or uri == path:
+        return path
+    import pyarrow.fs
+
+    fs, remote = pyarrow.fs.FileSystem.from_uri(uri)
+    local = Path(tempfile.mkdtemp(prefix="biflow-input-")) / Path(remote).name
+    with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    return str(local)
+
+
+def _log_fn(run: StepRun | None, label: str) -> Callable[[int, dict[str, float]], None]:
+    """Console line + MLflow batch per log interval (metric names: train/<term>)."""
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k)
+        print(f"[{label}] step {step}: {shown}", flush=True)
+        if run is not None:
+            run.log_metrics(metrics, step, prefix="train/")
+
+    return on_log
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """Hard link when possible (same filesystem, free), else copy; `dst` appears atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+# ------------------------------------------------------------------ in-process
+def train_in_process(job: StageJob, threads: int | None = None) -> tuple[Path, dict[str, Any]]:
+    from biflow.data import batches, load_split
+    from biflow.training.loop import fit, resolve_device
+
+    tcfg = job.train_cfg
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    device = resolve_device(tcfg.device)
+    model, step_fn, meta, desc = build_stage(job, device)
+    train = load_split(job.data_dir, "train")
+    ckpt = Path(job.work_dir) / job.ckpt_name
+    resumed_from = _checkpoint_step(ckpt)
+    run = StepRun(job.run) if job.run else None
+    trainer = fit(model, step_fn, lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start), tcfg, ckpt,
+                  meta=meta, on_log=_log_fn(run, job.kind), desc=desc, progress=False)
+    return ckpt, {"steps": trainer.step, "resumed_from_step": resumed_from, "workers": 0, "final": dict(trainer.metrics)}
+
+
+def _checkpoint_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    from biflow.checkpoint import read_checkpoint
+
+    return int(read_checkpoint(path)["step"])
+
+
+# ------------------------------------------------------------------- Ray Train
+def shard_batches(shard, batch_size: int, image_shape: tuple[int, int, int], seed: int) -> Callable[[int], Iterator]:
+    """start step -> endless (x float32 (B, C, H, W) in [-1, 1], y int64 (B,)) from a Ray Data shard."""
+    from biflow.data import to_model
+
+    h, w, c = image_shape
+
+    def gen(start: int):
+        epoch = 0
+        while True:
+            got = 0
+            for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=max(4 * batch_size, 1024),
+                                        local_shuffle_seed=seed + start + epoch):
+                images = np.frombuffer(bytearray(b"".join(b["image"])), np.uint8).reshape(-1, h, w, c)  # (B, H, W, C)
+                got += 1
+                yield to_model(images), torch.as_tensor(b["label"], dtype=torch.long)
+            if not got:
+                raise UserError(f"a data shard holds fewer rows than one per-worker batch ({batch_size}); "
+                                "lower the batch size or the number of workers")
+            epoch += 1
+
+    return gen
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report with all its metrics at INFO; our own log line per interval is enough."""
+    import importlib
+    import logging
+
+    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        try:
+            logging.getLogger(importlib.import_module(name).__file__).setLevel(logging.WARNING)
+        except Exception:  # noqa: BLE001 - private modules; losing the quieting is harmless
+            pass
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: restore, wrap in DDP, fit on this rank's data shard, report checkpoints."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from biflow.training.loop import fit
+
+    job: StageJob = config["job"]
+    _quiet_ray_train()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    local = Path(tempfile.mkdtemp(prefix=f"biflow-{job.kind}-rank{rank}-"))
+    ckpt = local / job.ckpt_name
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copyfile(Path(d) / job.ckpt_name, ckpt)
+    elif (Path(job.work_dir) / job.ckpt_name).is_file():  # an in-process attempt of the same step got this far
+        shutil.copyfile(Path(job.work_dir) / job.ckpt_name, ckpt)
+    resumed_from = _checkpoint_step(ckpt)
+
+    tcfg = job.train_cfg
+    if tcfg.batch_size % world:
+        raise UserError(f"batch_size {tcfg.batch_size} is not divisible by num_workers {world}")
+    # Rank r draws its own noise and label dropout (seed + r); rank 0 keeps the configured seed.
+    tcfg = tcfg.model_copy(update={"device": str(device), "seed": tcfg.seed + rank})
+    model, step_fn, meta, desc = build_stage(job, device)
+    model = model.to(device)
+    unused = job.kind == "reverse" and job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
+    ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    run = StepRun(job.run) if job.run is not None and rank == 0 else None
+    if run is not None and resumed_from:
+        run.log_metrics({"resumed_from_step": resumed_from}, resumed_from, prefix="train/")
+    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world, tuple(job.data_meta["image_shape"]),
+                            tcfg.seed * 1000 + rank)
+
+    def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
+        report = {"step": step, "resumed_from_step": resumed_from, **metrics}
+        if rank == 0:  # every rank reports (a barrier); rank 0 attaches the file
+            with tempfile.TemporaryDirectory() as d:
+                _copy(path, Path(d) / job.ckpt_name)
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(report)
+
+    fit(ddp, step_fn, batches, tcfg, ckpt, meta=meta, on_log=_log_fn(run, f"{job.kind} rank 0") if rank == 0 else None,
+        desc=desc, progress=False, is_main=rank == 0, on_checkpoint=on_checkpoint)
+    if run is not None:
+        run.flush()
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _materialize_needed(num_workers: int, scaling: ScalingSection) -> bool:
+    """Ray Data needs a free CPU to read; when the training workers take every CPU, read everything first."""
+    import ray
+
+    per_worker = scaling.resources_per_worker.get("CPU", 0 if scaling.use_gpu and "CPU" not in scaling.resources_per_worker else 1)
+    return ray.cluster_resources().get("CPU", 0) - num_workers * per_worker < 1
+
+
+def train_on_ray(job: StageJob, num_workers: int, scaling: ScalingSection, storage_path: str, name: str,
+                 dest: Path) -> dict[str, Any]:
+    """Fit a TorchTrainer (resuming run `name` under `storage_path`); the final checkpoint is copied to `dest`."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.read_parquet(job.train_uri).select_columns(["image", "label"])
+    if _materialize_needed(num_workers, scaling):
+        ds = ds.materialize()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=dict(scaling.resources_per_worker) or None),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=scaling.num_to_keep),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures)),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise UserError(f"Ray Train run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        _copy(Path(d) / job.ckpt_name, dest)
+    metrics = dict(result.metrics or {})
+    return {"steps": int(metrics.get("step", _checkpoint_step(dest))), "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
+            "workers": num_workers, "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
+def train_stage(job: StageJob, num_workers: int, scaling: ScalingSection, ray_storage: str, name: str) -> tuple[Path, dict]:
+    """Train one stage; returns (final checkpoint under job.work_dir, summary)."""
+    if num_workers == 0:
+        return train_in_process(job, threads=int(scaling.cpus))
+    dest = Path(job.work_dir) / job.ckpt_name
+    return dest, train_on_ray(job, num_workers, scaling, ray_storage, name, dest)

@@ -1,0 +1,326 @@
+"""The DAG runner: plan from the cache, run the missing steps as Ray tasks in dependency order, track in MLflow.
+
+`plan` needs neither Ray nor MLflow: it computes every step's key from the config (and its inputs'
+keys) and looks for done records; `biflow status` prints it. `run_pipeline` connects to Ray, opens
+the MLflow parent run, gives every cached step a child run that links to the run that produced it,
+and submits one Ray task per step to run, each receiving its inputs' records as task arguments (so
+Ray starts it only once they exist). A task locks its (step, key), looks for a record once more (a
+concurrent run may have finished it meanwhile), runs the step, publishes its outputs and writes the
+record last.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from biflow.config import ConfigError, flatten
+from biflow.errors import UserError
+from biflow.pipeline.cache import Storage, code_version, step_key
+from biflow.pipeline.spec import (PipelineConfig, resolve_artifact_location, resolve_storage,
+                                  resolve_tracking_uri)
+from biflow.pipeline.steps import ORDER, STEPS, StepContext, downstream
+from biflow.pipeline.tracking import RunRef, StepRun, Tracker, start_child
+
+
+class StepFailed(UserError):
+    """A step raised; the message names it and gives the first line of the cause."""
+
+
+@dataclass
+class Planned:
+    name: str
+    key: str
+    inputs: dict[str, str]  # upstream step -> key
+    config: dict[str, Any]
+    code: str
+    record: dict[str, Any] | None  # done record when cached
+    action: str  # "cached" | "run" | "force"
+
+    @property
+    def will_run(self) -> bool:
+        return self.action != "cached"
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # cached | ran | cached (concurrent run) | failed | skipped
+    wall_s: float
+    key: str
+    record: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class PipelineResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    parent_run_id: str | None = None
+    report: str | None = None  # the report.md location
+
+    @property
+    def ran(self) -> list[str]:
+        return [o.name for o in self.outcomes if o.status == "ran"]
+
+
+# --------------------------------------------------------------------------- plan
+def check_force(force: list[str]) -> set[str]:
+    unknown = [f for f in force if f not in STEPS]
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]}: unknown step; steps are {', '.join(ORDER)}")
+    return set(force)
+
+
+def plan(cfg: PipelineConfig, storage: Storage, force: list[str] = ()) -> list[Planned]:
+    """Every step in dependency order with its key and whether it is cached or would run."""
+    forced = downstream(check_force(list(force)))
+    keys: dict[str, str] = {}
+    out = []
+    for name in ORDER:
+        step = STEPS[name]
+        config, code = step.config(cfg), code_version(step.code)
+        inputs = {i: keys[i] for i in step.inputs}
+        keys[name] = key = step_key(name, config, inputs, code)
+        record = None if name in forced else storage.read_record(name, key)
+        action = "force" if name in forced else ("cached" if record is not None else "run")
+        out.append(Planned(name, key, inputs, config, code, record, action))
+    return out
+
+
+def storage_for(cfg: PipelineConfig) -> Storage:
+    return Storage(resolve_storage(cfg), cfg.pipeline.local_dir)
+
+
+# ------------------------------------------------------------------------- tasks
+def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str, Any]:
+    """The body of one step's Ray task (also callable directly): lock, re-check, run, publish, record.
+
+    upstream: the inputs' outcomes, each {"record": done record, ...} (Ray resolves upstream tasks' results).
+    Returns {"status": "ran" | "cached (concurrent run)", "record": ..., "wall_s": ...}.
+    """
+    import shutil
+
+    t0 = time.perf_counter()
+    name, key = payload["name"], payload["key"]
+    cfg = PipelineConfig.model_validate(payload["config"])
+    storage = Storage(payload["storage"], payload["local_dir"])
+    step = STEPS[name]
+    inputs = {u["record"]["step"]: u["record"] for u in upstream}
+    with storage.lock(name, key):
+        record = None if payload["force"] else storage.read_record(name, key)
+        if record is not None:  # a concurrent run of the same config finished it while we waited for the lock
+            return {"status": "cached (concurrent run)", "record": record, "wall_s": time.perf_counter() - t0}
+        parent: RunRef | None = payload["parent"]
+        run = start_child(parent, name, {"biflow.key": key, "biflow.cache": "miss", "biflow.host": socket.gethostname(),
+                                         "biflow.pid": os.getpid()}) if parent is not None else None
+        try:
+            if run is not None:
+                run.log_params(flatten(payload["step_config"]))
+            work = storage.work_dir(name, key)
+            out = work / "out"
+            shutil.rmtree(out, ignore_errors=True)  # staged outputs of a crashed attempt; checkpoints stay in `work`
+            out.mkdir(parents=True)
+            ctx = StepContext(name, key, cfg, storage, inputs, run, work, out)
+            print(f"[{name}] started (key {key})", flush=True)
+            result = step.run(ctx)
+            wall = time.perf_counter() - t0
+            record = storage.publish(name, key, out, {
+                "inputs": payload["inputs"], "config": payload["step_config"], "code": payload["code"], "result": result,
+                "mlflow_run_id": run.run_id if run else None, "mlflow_experiment_id": parent.experiment_id if parent else None,
+                "wall_s": wall, "host": socket.gethostname(), "python": platform.python_version()})
+            storage.discard_work(name, key)
+            if run is not None:
+                run.log_metrics({"step/wall_s": wall})
+                run.end("FINISHED")
+        except BaseException:
+            if run is not None:
+                run.set_tags({"biflow.error": traceback.format_exc(limit=3)[-4000:]})
+                run.end("FAILED")
+            raise
+    return {"status": "ran", "record": record, "wall_s": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------- Ray
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address`, or start a local Ray (dashboard on 127.0.0.1). Returns whether we started one."""
+    import logging
+
+    import ray
+
+    if address:
+        _check_ray_address(address)
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every print of a Train worker shows twice
+                        "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+        except Exception as err:
+            raise UserError(f"cannot connect to Ray at {address}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
+             logging_level=logging.WARNING, configure_logging=True)
+    return True
+
+
+def _check_ray_address(address: str) -> None:
+    """A host:port (or ray://host:port) that does not answer is a one-line error in seconds, not a long hang."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise UserError(f"Ray cluster at {address} is unreachable ({err.strerror or err}); "
+                        "start it (ray start --head) or omit --address for a local Ray") from None
+
+
+# ------------------------------------------------------------------------ running
+def _row(o: Outcome) -> str:
+    return f"  {o.name:<14} {o.status:<24} {o.wall_s:8.1f} s   {o.key}"
+
+
+def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None = None, label: str = "pipeline",
+                 echo=print) -> PipelineResult:
+    """Run the pipeline: cached steps are skipped, the rest run as Ray tasks; raises StepFailed on a failure."""
+    if cfg.pipeline.latent:
+        raise UserError(f"pipeline.latent={cfg.pipeline.latent!r}: the latent VAE step is not implemented yet; "
+                        "this pipeline validates but cannot run (see the note in the pipeline file)")
+    check_force(list(force))
+    storage = storage_for(cfg)
+    storage.check_writable()
+    tracker = Tracker(resolve_tracking_uri(cfg), cfg.pipeline.experiment, resolve_artifact_location(cfg))
+    steps = plan(cfg, storage, force)
+    needs_ray = any(p.will_run for p in steps)  # a fully cached pipeline needs no cluster at all
+    started = connect_ray(address or cfg.pipeline.ray_address) if needs_ray else False
+    if needs_ray:
+        import ray
+    result = PipelineResult()
+    parent = tracker.start_parent(f"{label} {time.strftime('%Y-%m-%d %H:%M:%S')}", flatten(cfg),
+                                  {"biflow.pipeline": label, "biflow.storage": storage.root,
+                                   "biflow.force": ",".join(force) or "-", "biflow.keys": " ".join(f"{p.name}={p.key}" for p in steps),
+                                   "biflow.ray": ray.get_runtime_context().gcs_address if needs_ray else "-"})
+    result.parent_run_id = parent.run_id
+    echo(f"pipeline {label}: storage {storage.root}; MLflow {tracker.uri} (experiment {cfg.pipeline.experiment!r}, "
+         f"run {parent.run_id})")
+    echo(f"  {'step':<14} {'status':<24} {'wall':>10}   key")
+    try:
+        refs: dict[str, Any] = {}
+        pending: dict[Any, Planned] = {}
+        t_submit: dict[str, float] = {}
+        for p in steps:
+            if not p.will_run:
+                _log_cache_hit(tracker, parent, p)
+                refs[p.name] = {"record": p.record}
+                o = Outcome(p.name, "cached", 0.0, p.key, p.record)
+                result.outcomes.append(o)
+                echo(_row(o))
+                continue
+            payload = {"name": p.name, "key": p.key, "config": cfg.model_dump(), "storage": storage.root,
+                       "local_dir": cfg.pipeline.local_dir, "parent": parent.ref, "force": p.action == "force",
+                       "inputs": p.inputs, "step_config": p.config, "code": p.code}
+            inputs = [refs[i] for i in STEPS[p.name].inputs]
+            task = ray.remote(execute_step).options(name=f"biflow:{p.name}", max_retries=0,
+                                                   **STEPS[p.name].resources(cfg))
+            ref = task.remote(payload, *inputs)
+            refs[p.name] = ref
+            pending[ref] = p
+            t_submit[p.name] = time.perf_counter()
+        failure = None
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            p = pending.pop(done[0])
+            try:
+                out = ray.get(done[0])
+                o = Outcome(p.name, out["status"], out["wall_s"], p.key, out["record"])
+                if out["status"] != "ran":
+                    _log_cache_hit(tracker, parent, p, out["record"])
+            except Exception as err:  # the step raised (or an upstream step did)
+                cause = _first_line(err)
+                upstream = failure is not None
+                o = Outcome(p.name, "skipped (upstream failed)" if upstream else "failed",
+                            time.perf_counter() - t_submit[p.name], p.key, error=cause)
+                failure = failure or o
+            result.outcomes.append(o)
+            echo(_row(o))
+        result.outcomes.sort(key=lambda o: ORDER.index(o.name))
+        if failure is not None:
+            parent.set_tags({"biflow.failed_step": failure.name})
+            parent.end("FAILED")
+            raise StepFailed(f"step {failure.name} failed: {failure.error}")
+        _finish_parent(parent, storage, result)
+    except BaseException as err:
+        if not isinstance(err, StepFailed):
+            parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return result
+
+
+def _first_line(err: BaseException) -> str:
+    """The root cause of a (possibly nested) Ray task error, as one line."""
+    cause = getattr(err, "cause", None) or err
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = str(cause).strip().splitlines()
+    lines = [ln for ln in text if ln.strip() and not ln.startswith(("Traceback", "  "))]
+    msg = lines[-1] if lines else type(cause).__name__
+    return msg if isinstance(cause, UserError) or ":" in msg else f"{type(cause).__name__}: {msg}"
+
+
+def _log_cache_hit(tracker: Tracker, parent: StepRun, p: Planned, record: dict[str, Any] | None = None) -> None:
+    """A child run for a step served from the cache: tagged as a hit, linked to the run that produced it."""
+    record = record or p.record
+    source = record.get("mlflow_run_id")
+    run = start_child(parent.ref, p.name, {
+        "biflow.key": p.key, "biflow.cache": "hit", "biflow.source_run_id": source or "-",
+        "mlflow.note.content": f"Cache hit: outputs produced by run [{source}]({tracker.run_link(source)})" if source else "Cache hit"})
+    run.log_params(flatten(p.config))
+    run.log_metrics({k: v for k, v in (record.get("result", {}).get("metrics") or {}).items()}, flush=False)
+    run.log_metrics({"step/wall_s": 0.0})
+    run.end("FINISHED")
+
+
+def _finish_parent(parent: StepRun, storage: Storage, result: PipelineResult) -> None:
+    """Summary metrics (from every step's record) and the report on the parent run."""
+    metrics: dict[str, float] = {}
+    for o in result.outcomes:
+        metrics.update((o.record or {}).get("result", {}).get("metrics") or {})
+        metrics[f"step/{o.name}/wall_s"] = o.wall_s
+    parent.log_metrics(metrics)
+    report = next((o for o in result.outcomes if o.name == "report"), None)
+    if report is not None and report.record is not None:
+        d = storage.fetch("report", report.key)
+        for name in ("report.md", "report.json", "fid_vs_speed.png"):
+            if (d / name).is_file():
+                parent.log_artifact(d / name)
+        result.report = str(d / "report.md") if storage.is_local else storage.uri("report", report.key, "report.md")
+    parent.set_tags({"biflow.ran": ",".join(result.ran) or "-"})
+    parent.end("FINISHED")
+
+
+def print_plan(steps: list[Planned], storage: Storage, echo=print) -> None:
+    echo(f"  {'step':<14} {'status':<28} {'key':<17} produced")
+    for p in steps:
+        if p.action == "cached":
+            rec = p.record
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.get("published", 0)))
+            status, info = "cached", f"{when}, {rec.get('wall_s', 0):.1f} s, MLflow run {rec.get('mlflow_run_id') or '-'}"
+        else:
+            status = "running in another process" if storage.locked_by_other(p.name, p.key) else (
+                "would run (forced)" if p.action == "force" else "would run")
+            info = ""
+        echo(f"  {p.name:<14} {status:<28} {p.key:<17} {info}")

