@@ -1,0 +1,473 @@
+"""Search-space files (tune_spaces/*.yaml): schema, distributions, coupled cases, validation before anything runs.
+
+A space file says what a sweep varies and how it is run:
+
+    metric: fd_evaluator            # final objective of every trial (fd_evaluator | fid), lower is better
+    scheduler: {type: asha, grace_period: 100, reduction_factor: 3}   # early stopping on the validation metric
+    num_samples: 4                  # Tune's num_samples: every grid point is repeated, random axes drawn anew
+    max_concurrent: 2               # trials at once (default: as many as the CPUs allow)
+    steps: 400                      # train_reverse.steps of every trial (trials are short)
+    report_every: 50                # steps between validation reports (what the scheduler sees)
+    evaluate: {num_samples: 500}    # pipeline.evaluate overrides for the final FD/FID
+    fixed: {train_reverse.lr: 1e-3} # flat config keys held at one value for the whole sweep
+    params:                         # flat config key -> a distribution
+      reverse_loss.adaptive_p: {uniform: [0.0, 1.5]}
+      reverse.depth: {grid: [5, 10]}
+      strategy:                     # a named axis whose values set several keys at once
+        cases:
+          hidden_alignment: {}
+          hidden_distillation: {reverse_loss.strategy: hidden_distillation, reverse.head_feedback: true}
+
+`load_space` validates all of it: every key must be a flat key of the experiment config (or of
+`pipeline.evaluate`), every range non-empty, every distribution one Tune knows, and every value a
+trial can take must give a valid experiment config (alone, and in every combination of the discrete
+axes). Problems are one-line `ConfigError`s naming the file and the key, before Ray starts.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from biflow.config import ConfigError, ExperimentConfig, ForwardConfig, ReverseConfig, Section, flatten, validate
+
+# name -> (what its argument is, how many numbers it takes or None for a list / mapping)
+DISTRIBUTIONS: dict[str, tuple[str, int | None]] = {
+    "choice": ("a list of values, one drawn at random per trial", None),
+    "grid": ("a list of values, every one tried (Tune grid_search)", None),
+    "uniform": ("[lo, hi]: a float drawn uniformly", 2),
+    "loguniform": ("[lo, hi], 0 < lo: a float drawn uniformly in log space", 2),
+    "quniform": ("[lo, hi, q]: uniform, rounded to a multiple of q", 3),
+    "qloguniform": ("[lo, hi, q], 0 < lo: log-uniform, rounded to a multiple of q", 3),
+    "randint": ("[lo, hi]: an integer in lo..hi-1 (hi excluded, as Tune)", 2),
+    "qrandint": ("[lo, hi, q]: an integer multiple of q in lo..hi (hi included, as Tune)", 3),
+    "cases": ("{name: {key: value, ...}}: named settings of several keys, every case tried", None),
+}
+GRID_KINDS = ("grid", "cases")  # expanded by Tune: the trial count multiplies
+SWEEPABLE_EVALUATE = "pipeline.evaluate."  # evaluation settings may be swept too (e.g. the guidance scale)
+FORWARD_SECTIONS = ("forward.", "train_forward.")  # keys that change stage 1: such trials train their own F
+MAX_COMBINATIONS = 512  # discrete combinations validated one by one; beyond that each axis alone
+EXACT_CASE = "exact"  # table rows with this case are the forward flow's exact inverse, not a trial
+
+
+class SchedulerSpec(Section):
+    """Which trials stop early, judged on a validation metric reported while they train."""
+
+    type: Literal["asha", "median", "fifo"] = "asha"  # asha: ASHA; median: median stopping rule; fifo: no early stopping
+    metric: Literal["val_recon", "loss"] = "val_recon"  # val_recon: |G(F(x~)) - x|^2 on held-out images; loss: training loss
+    grace_period: int | None = Field(None, ge=1)  # steps before a trial can be stopped (None: 2 * report_every)
+    reduction_factor: float = Field(3.0, gt=1)  # ASHA: keep the best 1/reduction_factor at each rung
+    brackets: int = Field(1, ge=1)  # ASHA brackets
+    max_t: int | None = Field(None, ge=1)  # steps at which a trial is complete (None: the trials' steps)
+
+
+class TableRow(Section):
+    section: str  # group of rows, e.g. "alignment strategy"
+    row: str  # row label, e.g. "hidden alignment"
+    case: str  # value of the table's axis this row shows; "exact" = the forward flow's exact inverse
+    paper: float | None = None  # the paper's number for this row (None: not reported)
+    note: str | None = None  # shown in the table's note column
+
+
+class TableSpec(Section):
+    """A results table laid out like the paper's: one row per case of one `cases` axis."""
+
+    axis: str  # the params axis (a `cases` axis) whose case names the rows refer to
+    title: str = "Ablation"
+    paper_metric: str = "paper FID"  # column header of the paper's numbers
+    rows: list[TableRow]
+
+
+class SpaceFile(Section):
+    """The YAML schema; `params` is parsed into `Param`s by `load_space`."""
+
+    description: str = ""  # one paragraph for people (shown by `biflow sweep` and in MLflow)
+    metric: Literal["fd_evaluator", "fid"] = "fd_evaluator"  # final objective (lower is better); fid needs Inception
+    num_samples: int = Field(1, ge=1)  # Tune num_samples: repeats of the grid / draws of the random axes
+    max_concurrent: int | None = Field(None, ge=1)  # trials at once (None: as many as the CPUs allow)
+    seed: int = 0  # seed of the random search (which values the random axes draw)
+    steps: int | None = Field(None, ge=1)  # train_reverse.steps of every trial (None: the pipeline's)
+    report_every: int = Field(50, ge=1)  # steps between validation reports (train_reverse.log_every)
+    cpus_per_trial: float = Field(1.0, gt=0)  # CPUs (= torch threads) of one in-process trial
+    val_images: int = Field(256, ge=1)  # held-out test images of the validation metric
+    reference_exact: bool = True  # also evaluate the shared forward flow's exact sampler once (a reference point)
+    scheduler: SchedulerSpec = SchedulerSpec()
+    evaluate: dict[str, Any] = {}  # pipeline.evaluate overrides for the trials' final evaluation
+    fixed: dict[str, Any] = {}  # flat key -> value, the same for every trial
+    params: dict[str, Any]  # flat key (or axis name) -> distribution
+    table: TableSpec | None = None  # a paper-style table (ablation.yaml)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One axis of the search space."""
+
+    name: str  # flat config key, or the axis name of a `cases` axis
+    kind: str  # a key of DISTRIBUTIONS
+    values: tuple = ()  # choice / grid values; the numbers of the range kinds; case names for cases
+    cases: dict[str, dict[str, Any]] | None = None  # cases: name -> {flat key: value}
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind in GRID_KINDS
+
+    @property
+    def is_discrete(self) -> bool:
+        return self.kind in ("choice", "grid", "cases")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The config keys this axis sets."""
+        if self.cases is not None:
+            return tuple(sorted({k for case in self.cases.values() for k in case}))
+        return (self.name,)
+
+    def tune(self):
+        """The Tune search-space object."""
+        from ray import tune
+
+        if self.kind == "grid" or self.kind == "cases":
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return getattr(tune, self.kind)(*self.values)
+
+    def probe_values(self) -> list[Any]:
+        """Values validated before the sweep: every discrete value, the ends (and middle) of a range."""
+        if self.is_discrete:
+            return list(self.values)
+        lo, hi = self.values[0], self.values[1]
+        if self.kind == "randint":
+            return sorted({lo, hi - 1})
+        if self.kind == "qrandint":
+            q = self.values[2]
+            return sorted({math.ceil(lo / q) * q, math.floor(hi / q) * q})
+        if self.kind in ("loguniform", "qloguniform"):
+            return [lo, math.sqrt(lo * hi), hi]
+        return [lo, (lo + hi) / 2, hi]
+
+    def settings(self, value: Any) -> dict[str, Any]:
+        """flat key -> value for one sampled value of this axis."""
+        if self.cases is not None:
+            return dict(self.cases[value])
+        return {self.name: value}
+
+    def describe(self) -> str:
+        if self.cases is not None:
+            return f"{self.name}: cases {', '.join(self.values)}"
+        return f"{self.name}: {self.kind} {list(self.values)}"
+
+
+@dataclass
+class Space:
+    """A validated space file."""
+
+    path: Path
+    spec: SpaceFile
+    params: list[Param]
+    raw: dict[str, Any] = field(default_factory=dict)  # the file as loaded (for MLflow)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def changes_forward(self) -> bool:
+        """Whether some trial changes stage 1 (then trials train or reuse their own cached forward flow)."""
+        return any(k.startswith(FORWARD_SECTIONS) for p in self.params for k in p.keys)
+
+    def grid_size(self) -> int:
+        return math.prod(len(p.values) for p in self.params if p.is_grid)
+
+    def num_trials(self, num_samples: int | None = None) -> int:
+        return self.grid_size() * (num_samples or self.spec.num_samples)
+
+    def param_space(self) -> dict[str, Any]:
+        return {"params": {p.name: p.tune() for p in self.params}}
+
+    def settings(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Sampled axis values -> the flat config keys they set (cases expanded)."""
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.name in values:
+                out.update(p.settings(values[p.name]))
+        return out
+
+    def label(self, values: dict[str, Any]) -> str:
+        """A short human label of one trial's values (cases by name)."""
+        parts = []
+        for p in self.params:
+            if p.name not in values:
+                continue
+            v = values[p.name]
+            short = p.name if p.cases is not None else p.name.rsplit(".", 1)[-1]
+            parts.append(f"{short}={_short(v)}")
+        return ", ".join(parts) or "base"
+
+    def overrides(self) -> dict[str, Any]:
+        """Flat keys every trial gets from the space file itself: fixed, steps, report_every."""
+        out = dict(self.spec.fixed)
+        if self.spec.steps is not None:
+            out["train_reverse.steps"] = self.spec.steps
+        out["train_reverse.log_every"] = self.spec.report_every
+        out.update({f"pipeline.evaluate.{k}": v for k, v in self.evaluate_overrides().items()})
+        return out
+
+    def evaluate_overrides(self) -> dict[str, Any]:
+        ev = dict(self.spec.evaluate)
+        ev.setdefault("features", "inception" if self.spec.metric == "fid" else "evaluator")
+        return ev
+
+    def trial_config(self, base: dict[str, Any], values: dict[str, Any], where: str = "trial"):
+        """The pipeline config of one trial: base (raw pipeline data) + space overrides + sampled values."""
+        from biflow.pipeline.spec import PipelineConfig
+
+        data = copy.deepcopy(base)
+        for key, value in {**self.overrides(), **self.settings(values)}.items():
+            put(data, key, value)
+        cfg = validate(PipelineConfig, data, where)
+        check_coupled(cfg, where)
+        return cfg
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def put(data: dict, key: str, value: Any) -> None:
+    """data["a"]["b"]["c"] = value for key "a.b.c" (creating sections; an empty `section:` is a new mapping)."""
+    *parents, leaf = key.split(".")
+    node = data
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[leaf] = copy.deepcopy(value)
+
+
+def sweepable_keys() -> set[str]:
+    """Flat keys a space may set: every experiment key except data.* (FD is measured against the data), and pipeline.evaluate.*."""
+    from biflow.pipeline.spec import EvaluateSection
+
+    keys = {k for k in flatten(ExperimentConfig()) if not k.startswith("data.")}
+    keys |= {SWEEPABLE_EVALUATE + k for k in EvaluateSection.model_fields}
+    return keys
+
+
+def check_coupled(cfg, where: str) -> None:
+    """What pydantic cannot see: settings that must agree with each other or with the trained forward flow."""
+    from biflow.objectives.reverse import STRATEGY_FEEDBACK
+    from biflow.training.reverse import GEOMETRY
+
+    need = STRATEGY_FEEDBACK.get(cfg.reverse_loss.strategy)
+    if need is not None and cfg.reverse.head_feedback != need:
+        raise ConfigError(f"{where}: reverse_loss.strategy={cfg.reverse_loss.strategy} needs reverse.head_feedback={need} "
+                          "(set both in one `cases` entry)")
+    # G takes its geometry and block count from F at training time: check the pair as it will be built.
+    side = 8 if cfg.data.name == "digits" else cfg.data.image_size  # digits are always 8 px
+    try:
+        fwd = ForwardConfig(**{**cfg.forward.model_dump(), "image_size": side})
+    except ValidationError as err:
+        raise ConfigError(f"{where}: forward (for {side} px images): {_first(err)}") from None
+    try:
+        ReverseConfig.for_flow(fwd, **cfg.reverse.model_dump(exclude=GEOMETRY))
+    except ValidationError as err:
+        raise ConfigError(f"{where}: reverse (built for the flow's {fwd.num_blocks} blocks, {side} px): {_first(err)}") from None
+
+
+def _first(err: ValidationError) -> str:
+    return err.errors()[0]["msg"].removeprefix("Value error, ")
+
+
+# ------------------------------------------------------------------- parsing
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_param(name: str, spec: Any, where: str, keys: set[str]) -> Param:
+    """One `params:` entry -> Param; every problem is a one-line ConfigError."""
+    at = f"{where}: params.{name}"
+    known = ", ".join(DISTRIBUTIONS)
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{at}: expected one distribution as a mapping such as {{choice: [a, b]}}; known: {known}")
+    (kind, arg), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{at}: unknown distribution {kind!r}; known: {known}")
+    if kind == "cases":
+        if name in keys:
+            raise ConfigError(f"{at}: a `cases` axis needs a name that is not a config key (e.g. `strategy`), "
+                              "since its cases set the keys")
+        if not isinstance(arg, dict) or not arg:
+            raise ConfigError(f"{at}: cases must be a non-empty mapping {{case name: {{key: value, ...}}}}")
+        cases = {}
+        for case, settings in arg.items():
+            settings = {} if settings is None else settings
+            if not isinstance(settings, dict):
+                raise ConfigError(f"{at}.{case}: a case is a mapping of flat config keys to values, got {settings!r}")
+            if str(case) == EXACT_CASE:
+                raise ConfigError(f"{at}.{case}: the case name {EXACT_CASE!r} is reserved for the exact-inverse table row")
+            for key in settings:
+                check_key(key, f"{at}.{case}", keys)
+            cases[str(case)] = dict(settings)
+        return Param(name, kind, tuple(cases), cases)
+    check_key(name, where + ": params", keys)
+    if DISTRIBUTIONS[kind][1] is None:  # choice / grid
+        if not isinstance(arg, list):
+            raise ConfigError(f"{at}: {kind} takes a list of values, got {arg!r}")
+        if not arg:
+            raise ConfigError(f"{at}: empty {kind} (give at least one value)")
+        return Param(name, kind, tuple(arg))
+    n = DISTRIBUTIONS[kind][1]
+    if not isinstance(arg, list) or len(arg) != n or not all(_is_number(v) for v in arg):
+        raise ConfigError(f"{at}: {kind} takes {DISTRIBUTIONS[kind][0]}, got {arg!r}")
+    lo, hi = arg[0], arg[1]
+    if kind in ("randint", "qrandint") and not all(isinstance(v, int) for v in arg):
+        raise ConfigError(f"{at}: {kind} takes integers, got {arg!r}")
+    if not lo < hi:
+        raise ConfigError(f"{at}: empty range [{lo}, {hi}] (need lo < hi)")
+    if kind in ("loguniform", "qloguniform") and lo <= 0:
+        raise ConfigError(f"{at}: {kind} needs 0 < lo, got {lo}")
+    if n == 3 and not arg[2] > 0:
+        raise ConfigError(f"{at}: the step q must be positive, got {arg[2]}")
+    if kind == "qrandint" and math.floor(hi / arg[2]) * arg[2] < lo:
+        raise ConfigError(f"{at}: no multiple of {arg[2]} in [{lo}, {hi}]")
+    return Param(name, kind, tuple(arg))
+
+
+def check_key(key: Any, at: str, keys: set[str]) -> None:
+    if isinstance(key, str) and key in keys:
+        return
+    if isinstance(key, str) and key.startswith("data."):
+        raise ConfigError(f"{at}.{key}: data settings cannot be swept (every trial is scored against the same data)")
+    close = difflib.get_close_matches(str(key), sorted(keys), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"{at}.{key}: unknown config key{hint} (keys are flat, e.g. reverse.depth or reverse_loss.align)")
+
+
+def load_space(path: str | Path, base: dict[str, Any] | None = None) -> Space:
+    """Load and validate a space file; with `base` (raw pipeline data) also every value a trial can take."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = {k: ({} if v is None and k in ("fixed", "evaluate", "scheduler", "params") else v) for k, v in raw.items()}
+    spec = validate(SpaceFile, raw, where)
+    keys = sweepable_keys()
+    if not isinstance(spec.params, dict) or not spec.params:
+        raise ConfigError(f"{path}: params: empty (give at least one axis)")
+    params = [parse_param(str(name), dist, where, keys) for name, dist in spec.params.items()]
+    _check_overlaps(params, spec, where, keys)
+    _check_scheduler(spec, where)
+    space = Space(path, spec, params, raw)
+    _check_table(space, where)
+    if base is not None:
+        check_values(space, base)
+    return space
+
+
+def _check_overlaps(params: list[Param], spec: SpaceFile, where: str, keys: set[str]) -> None:
+    owner: dict[str, str] = {}
+    for key in spec.fixed:
+        check_key(key, f"{where}: fixed", keys)
+        owner[key] = "fixed"
+    if spec.steps is not None:
+        if "train_reverse.steps" in owner:
+            raise ConfigError(f"{where}: train_reverse.steps is set twice (steps and fixed); keep one")
+        owner["train_reverse.steps"] = "steps"
+    for key in spec.evaluate:
+        owner[SWEEPABLE_EVALUATE + key] = "evaluate"
+    for p in params:
+        for key in p.keys:
+            if key in owner:
+                raise ConfigError(f"{where}: params.{p.name}: {key} is also set by {owner[key]}; "
+                                  "an axis and another setting cannot both own a key")
+            owner[key] = f"params.{p.name}"
+    for key in spec.evaluate:
+        if key not in keys_of_evaluate():
+            close = difflib.get_close_matches(key, sorted(keys_of_evaluate()), n=1)
+            raise ConfigError(f"{where}: evaluate.{key}: unknown pipeline.evaluate setting"
+                              + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def keys_of_evaluate() -> set[str]:
+    from biflow.pipeline.spec import EvaluateSection
+
+    return set(EvaluateSection.model_fields)
+
+
+def _check_scheduler(spec: SpaceFile, where: str) -> None:
+    s = spec.scheduler
+    features = spec.evaluate.get("features")
+    want = "inception" if spec.metric == "fid" else "evaluator"
+    if features is not None and features != want:
+        raise ConfigError(f"{where}: metric {spec.metric} needs evaluate.features={want}, the file says {features}")
+    if s.type == "fifo":
+        return
+    grace = s.grace_period or 2 * spec.report_every
+    if spec.steps is not None:
+        max_t = s.max_t or spec.steps
+        if grace > max_t:
+            raise ConfigError(f"{where}: scheduler.grace_period {grace} exceeds the trials' {max_t} steps: nothing could stop early")
+    if grace < spec.report_every:
+        raise ConfigError(f"{where}: scheduler.grace_period {grace} is shorter than report_every {spec.report_every}: "
+                          "the scheduler sees a trial only when it reports")
+
+
+def _check_table(space: Space, where: str) -> None:
+    table = space.spec.table
+    if table is None:
+        return
+    axis = next((p for p in space.params if p.name == table.axis), None)
+    if axis is None or axis.cases is None:
+        raise ConfigError(f"{where}: table.axis {table.axis!r} must name a `cases` axis of params")
+    for i, row in enumerate(table.rows):
+        if row.case != EXACT_CASE and row.case not in axis.cases:
+            raise ConfigError(f"{where}: table.rows[{i}].case {row.case!r} is not a case of {table.axis} "
+                              f"({', '.join(axis.cases)}) nor {EXACT_CASE!r}")
+
+
+def check_values(space: Space, base: dict[str, Any]) -> None:
+    """Every value each axis can take gives a valid trial config; discrete axes also in every combination."""
+    where = str(space.path)
+    first = {p.name: p.probe_values()[0] for p in space.params}
+    for p in space.params:  # each axis alone (the others at the pipeline's values)
+        for v in p.probe_values():
+            try:
+                space.trial_config(base, {p.name: v}, "trial")
+            except ConfigError as err:
+                what = f"case {v!r}" if p.cases is not None else f"value {v!r}"
+                raise ConfigError(f"{where}: params.{p.name}: {what} gives an invalid trial: "
+                                  f"{str(err).removeprefix('trial: ')}") from None
+    discrete = [p for p in space.params if p.is_discrete and len(p.values) > 1]
+    if math.prod(len(p.values) for p in discrete) > MAX_COMBINATIONS:
+        discrete = []  # too many to enumerate: the first value of every axis together, below
+    if not discrete:
+        try:
+            space.trial_config(base, first, "trial")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: the first value of every axis together gives an invalid trial: "
+                              f"{str(err).removeprefix('trial: ')}") from None
+    else:
+        for combo in itertools.product(*(p.values for p in discrete)):
+            values = {**first, **{p.name: v for p, v in zip(discrete, combo)}}
+            try:
+                space.trial_config(base, values, "trial")
+            except ConfigError as err:
+                shown = ", ".join(f"{p.name}={v!r}" for p, v in zip(discrete, combo))
+                raise ConfigError(f"{where}: the combination {shown} gives an invalid trial: "
+                                  f"{str(err).removeprefix('trial: ')}") from None

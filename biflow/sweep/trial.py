@@ -1,0 +1,292 @@
+"""One sweep trial: train the reverse model G, report a validation metric as it goes, then score it.
+
+`run_trial` is a Ray Tune function trainable. Per trial:
+
+1. its config = the pipeline file + the space file's fixed settings + this trial's sampled values;
+2. prepare + train_forward come from the step cache (trials that change stage 1 train their own F once);
+3. stage 2 trains with the pipeline's `fit`:
+     train_reverse.num_workers == 0   in this process (laptops: one trial per core, actors reused);
+     num_workers >= 1                 a Ray Train run per trial (DDP; the trial only drives it);
+   every `report_every` steps it reports `val_recon` (mean |G(F(x~)) - x|^2 on fixed held-out images,
+   the live weights) and the training loss, which the scheduler uses to stop weak trials early;
+4. the EMA weights are scored like the pipeline's evaluate step (`score_sampler`): fd_evaluator or FID,
+   class accuracy, NFE; the last report carries `final = 1`.
+
+Its checkpoint lives in `<sweep>/trials/<trial id>/`, so a trial restarted by `--resume` continues.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from biflow.pipeline.cache import Storage
+from biflow.pipeline.tracking import RunRef
+from biflow.sweep.space import Space
+
+FINAL = "final"  # key of the last report: present (1) only once the trial is scored
+TRAIN_KEYS = ("loss", "recon", "align", "perceptual", "raw/recon", "grad_norm", "images_per_s")  # reported terms
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs besides its sampled values; picklable (sent once through the object store)."""
+
+    space: Space
+    base: dict[str, Any]  # raw pipeline data with the command line overrides applied
+    storage_root: str
+    local_dir: str | None
+    parent: RunRef | None  # the sweep's MLflow parent run (upstream steps a trial runs become its children)
+    trials_dir: str  # <sweep run>/trials: one checkpoint directory per trial
+    ray_storage: str  # Ray Train storage of data-parallel trials
+    run_name: str  # the sweep run's name (Ray Train run names derive from it)
+    threads: int  # torch threads of an in-process trial
+    metrics_cache: str  # trained evaluators and reference statistics (shared with the pipeline)
+
+    def config(self, values: dict[str, Any]):
+        """The trial's PipelineConfig, with the execution settings of a trial (threads) applied."""
+        cfg = self.space.trial_config(self.base, values)
+        pipe = cfg.pipeline.model_copy(update={
+            "train_forward": cfg.pipeline.train_forward.model_copy(update={"cpus": float(self.threads)}),
+            "evaluate": cfg.pipeline.evaluate.model_copy(update={"cpus": float(self.threads)})})
+        return cfg.model_copy(update={"pipeline": pipe})
+
+
+# ------------------------------------------------------------------ validation
+class Validator:
+    """val_recon: mean squared error of G(F(x~) | y, w=0) against the clean x, on fixed held-out images.
+
+    F's codes are computed once; each call is one pass of G (the live weights, eval mode). It measures
+    what the sampler must do (map noise codes to clean data) and costs a few milliseconds.
+    """
+
+    def __init__(self, flow_path: str | Path, data_dir: str | Path, num: int, device: torch.device, seed: int = 0):
+        from biflow.data import load_split, to_model
+        from biflow.training.reverse import frozen_flow
+
+        test = load_split(data_dir, "test")
+        flow = frozen_flow(flow_path, device)
+        x = to_model(test.images[:num]).to(device)  # (N, C, H, W)
+        self.y = torch.as_tensor(test.labels[:num], dtype=torch.long, device=device) if flow.cfg.num_classes else None
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        with torch.no_grad():
+            self.z, _, _ = flow(x + flow.cfg.noise_std * noise, self.y)  # (N, C, H, W)
+        self.x = x
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> float:
+        net = getattr(model, "module", model)  # DDP wraps it on Ray Train
+        was_training = net.training
+        net.eval()
+        x_pred, _ = net(self.z, self.y, 0.0)
+        net.train(was_training)
+        return float((x_pred.float() - self.x).pow(2).mean())
+
+
+def _train_metrics(step: int, metrics: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {"step": step}
+    for k in TRAIN_KEYS:
+        if k in metrics:
+            out["loss" if k == "loss" else f"train/{k}"] = float(metrics[k])
+    return out
+
+
+# ----------------------------------------------------------------- the trial
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: one trial (config = {"params": {axis: value}})."""
+    import ray.tune
+
+    from biflow.pipeline.raytrain import StageJob
+    from biflow.pipeline.steps import data_dir, train_uri
+    from biflow.sweep.upstream import forward_checkpoint, resolve_upstream, step_context
+    from biflow.training.loop import resolve_device
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    values = config["params"]
+    cfg = setup.config(values)
+    torch.set_num_threads(setup.threads)
+    storage = Storage(setup.storage_root, setup.local_dir)
+    t0 = time.perf_counter()
+    records = resolve_upstream(cfg, storage, setup.parent, remote=False,
+                               echo=lambda m: print(f"[trial {trial_id}] {m}", flush=True))
+    work = Path(setup.trials_dir) / trial_id
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = step_context(cfg, storage, records, work)
+    fwd_path, fwd_uri = forward_checkpoint(ctx)
+    prep = records["prepare"]["result"]
+    job = StageJob(kind="reverse", config=cfg.model_dump(exclude={"pipeline"}), data_dir=str(data_dir(ctx)),
+                   train_uri=train_uri(ctx), data_meta=prep["meta"], data_hash=prep["splits"]["train"]["content_hash"],
+                   work_dir=str(work), forward_ckpt=str(fwd_path), forward_ckpt_uri=fwd_uri)
+    t_train = time.perf_counter()
+    device = resolve_device(cfg.train_reverse.device)
+    validator = Validator(fwd_path, job.data_dir, setup.space.spec.val_images, device)
+    if cfg.train_reverse.num_workers == 0:
+        ckpt, steps, loss = _train_here(job, validator, device)
+    else:
+        ckpt, steps, loss = _train_on_ray_train(job, cfg, setup, trial_id)
+    t_eval = time.perf_counter()
+    from biflow.checkpoint import load_checkpoint
+
+    val_ema = validator(load_checkpoint(ckpt, ema=True, device=device))
+    scores = final_scores(ckpt, cfg, job.data_dir, storage, setup.threads, work)
+    # val_recon / loss repeat the scheduler's metric (Tune requires it in every report); `step` is absent, so
+    # the scheduler does not treat this report as another rung.
+    ray.tune.report({FINAL: 1, **scores, "val_recon": val_ema, "val_recon_ema": val_ema, "loss": loss,
+                     "steps_trained": steps, "upstream_s": t_train - t0, "train_s": t_eval - t_train,
+                     "eval_s": time.perf_counter() - t_eval, "forward_key": records["train_forward"]["key"],
+                     "checkpoint": str(ckpt)})
+
+
+def _train_here(job, validator: Validator, device: torch.device) -> tuple[Path, int, float]:
+    """Stage 2 in this process with the pipeline's `fit`; resumes from the trial's own checkpoint."""
+    import ray.tune
+
+    from biflow.data import batches, load_split
+    from biflow.pipeline.raytrain import build_stage
+    from biflow.training.loop import fit
+
+    tcfg = job.train_cfg
+    model, step_fn, meta, desc = build_stage(job, device)
+    train = load_split(job.data_dir, "train")
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        ray.tune.report({**_train_metrics(step, metrics), "val_recon": validator(model)})
+
+    ckpt = Path(job.work_dir) / job.ckpt_name
+    trainer = fit(model, step_fn, lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start), tcfg, ckpt,
+                  meta=meta, on_log=on_log, desc=desc, progress=False)
+    return ckpt, trainer.step, float(trainer.metrics.get("loss", float("nan")))
+
+
+# -------------------------------------------------------- Ray Train (clusters)
+def _train_worker(config: dict[str, Any]) -> None:
+    """Every Ray Train worker of a data-parallel trial: the pipeline's worker recipe, plus validation reports.
+
+    Each checkpoint interval (= report_every) every rank reports (a barrier); rank 0 adds val_recon
+    and attaches the checkpoint. TuneReportCallback forwards rank 0's report to the trial.
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from biflow.pipeline.raytrain import _DDP, _copy, _quiet_ray_train, build_stage, shard_batches
+    from biflow.training.loop import fit
+
+    job = config["job"]
+    _quiet_ray_train()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    local = Path(tempfile.mkdtemp(prefix=f"biflow-sweep-rank{rank}-"))
+    ckpt = local / job.ckpt_name
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copyfile(Path(d) / job.ckpt_name, ckpt)
+    elif (Path(job.work_dir) / job.ckpt_name).is_file():
+        shutil.copyfile(Path(job.work_dir) / job.ckpt_name, ckpt)
+    tcfg = job.train_cfg
+    if tcfg.batch_size % world:
+        from biflow.errors import UserError
+
+        raise UserError(f"batch_size {tcfg.batch_size} is not divisible by num_workers {world}")
+    # One report per interval: checkpoints are written exactly where the validation metric is reported.
+    tcfg = tcfg.model_copy(update={"device": str(device), "seed": tcfg.seed + rank, "ckpt_every": tcfg.log_every})
+    model, step_fn, meta, desc = build_stage(job, device)
+    model = model.to(device)
+    unused = job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
+    ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    validator = Validator(config["forward_ckpt"], job.data_dir, config["val_images"], device) if rank == 0 else None
+    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world,
+                            tuple(job.data_meta["image_shape"]), tcfg.seed * 1000 + rank)
+
+    def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
+        report = _train_metrics(step, metrics)
+        if rank == 0:
+            report["val_recon"] = validator(model)
+            with tempfile.TemporaryDirectory() as d:
+                _copy(path, Path(d) / job.ckpt_name)
+                checkpoint = Checkpoint.from_directory(d)
+                checkpoint.set_metadata({"step": step})
+                ray.train.report(report, checkpoint=checkpoint)
+        else:
+            ray.train.report(report)
+
+    fit(ddp, step_fn, batches, tcfg, ckpt, meta=meta, desc=desc, progress=False, is_main=rank == 0,
+        on_checkpoint=on_checkpoint)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str) -> tuple[Path, int, float]:
+    """A TorchTrainer per trial (stable run name: a restarted trial resumes its run) -> (checkpoint, steps, final loss)."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from biflow.errors import UserError
+    from biflow.pipeline.raytrain import _copy, _materialize_needed
+
+    scaling = cfg.pipeline.train_reverse
+    workers = cfg.train_reverse.num_workers
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.read_parquet(job.train_uri).select_columns(["image", "label"])
+    if _materialize_needed(workers, scaling):
+        ds = ds.materialize()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": job, "forward_ckpt": job.forward_ckpt, "val_images": setup.space.spec.val_images},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=dict(scaling.resources_per_worker) or None),
+        run_config=RunConfig(name=f"{setup.run_name}-{trial_id}", storage_path=setup.ray_storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=scaling.num_to_keep),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             callbacks=[TuneReportCallback()]),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise UserError(f"trial {trial_id}: its Ray Train run finished without a checkpoint")
+    dest = Path(job.work_dir) / job.ckpt_name
+    with result.checkpoint.as_directory() as d:
+        _copy(Path(d) / job.ckpt_name, dest)
+    metrics = result.metrics or {}
+    return dest, int(metrics.get("step", cfg.train_reverse.steps)), float(metrics.get("loss", float("nan")))
+
+
+# ------------------------------------------------------------------- scoring
+def sampler_spec(sampler: str, checkpoint: Path, cfg, data_dir: str | Path, storage: Storage, threads: int) -> dict[str, Any]:
+    """The pipeline evaluate step's per-sampler spec (score_sampler), from the trial's evaluate settings."""
+    from biflow.pipeline.steps import metrics_cache
+
+    ev = cfg.pipeline.evaluate
+    return dict(sampler=sampler, checkpoint=str(checkpoint), data_dir=str(data_dir), cache_dir=str(metrics_cache(storage)),
+                guidance=ev.guidance, seed=ev.seed, device=ev.device, cpus=threads, features=ev.features,
+                inception_weights=ev.inception_weights, num_samples=ev.num_samples, batch_size=ev.batch_size,
+                timing_batch=min(ev.timing_batch, ev.num_samples), timing_repeats=1, grid=ev.grid)
+
+
+def final_scores(ckpt: Path, cfg, data_dir: str | Path, storage: Storage, threads: int, out_dir: Path,
+                 sampler: str = "1nfe") -> dict[str, Any]:
+    """Quality of one sampler (the pipeline's score_sampler) and its sample grid saved in out_dir.
+
+    ms/image measured here runs beside other trials (`ms_per_image_in_trial`); the sweep re-times
+    every finished trial serially at the end, which is the `ms_per_image` of the comparison.
+    """
+    import numpy as np
+
+    from biflow.data import save_grid
+    from biflow.pipeline.steps import score_sampler
+
+    res = score_sampler(sampler_spec(sampler, ckpt, cfg, data_dir, storage, threads))
+    grid = res.pop("grid")
+    png = Path(out_dir) / f"samples_{sampler}.png"
+    save_grid(grid, png, nrow=int(np.ceil(np.sqrt(len(grid)))))
+    metric = res["metric_name"]
+    return {metric: float(res[metric]), "metric_name": metric, "class_acc": res["class_acc"], "nfe": res["nfe"],
+            "ms_per_image_in_trial": res["ms_per_image"], "samples": str(png), "num_eval_samples": res["num_samples"]}
