@@ -239,7 +239,9 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
             t_submit[p.name] = time.perf_counter()
         failure = None
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout keeps Ctrl-C responsive
+            if not done:
+                continue
             p = pending.pop(done[0])
             try:
                 out = ray.get(done[0])
@@ -257,12 +259,12 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
         result.outcomes.sort(key=lambda o: ORDER.index(o.name))
         if failure is not None:
             parent.set_tags({"biflow.failed_step": failure.name})
-            parent.end("FAILED")
             raise StepFailed(f"step {failure.name} failed: {failure.error}")
         _finish_parent(parent, storage, result)
     except BaseException as err:
-        if not isinstance(err, StepFailed):
-            parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        tracker.end_open_children(parent, status)
+        parent.end(status)
         raise
     finally:
         if started:

@@ -185,6 +185,12 @@ class Tracker:
         parent.log_params(params)
         return parent
 
+    def end_open_children(self, parent: StepRun, status: str = "KILLED") -> None:
+        """Close the child runs still RUNNING under `parent` (their steps were interrupted or never finished)."""
+        query = f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=100):
+            self.client.set_terminated(run.info.run_id, status)
+
     def run_link(self, run_id: str) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
 
