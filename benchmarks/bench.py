@@ -59,7 +59,8 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(device: torch.device, repeats: int = 10) -> dict:
-    """The device's measured matmul rate: bf16 8192^3 on CUDA, float32 2048^3 on CPU (median of `repeats`)."""
+    """The device's measured matmul peak: bf16 8192^3 on CUDA, float32 2048^3 on CPU; the best of `repeats`
+    (a peak, not a typical rate: on a shared CPU the median drifts with other load)."""
     cuda = device.type == "cuda"
     n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -72,7 +73,8 @@ def matmul_peak(device: torch.device, repeats: int = 10) -> dict:
         a @ b
         sync(device)
         times.append(time.perf_counter() - t0)
-    return {"tflops": 2 * n**3 / statistics.median(times) / 1e12, "n": n, "dtype": str(dtype).removeprefix("torch.")}
+    return {"tflops": 2 * n**3 / min(times) / 1e12, "median_tflops": 2 * n**3 / statistics.median(times) / 1e12,
+            "n": n, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def autocast(device: torch.device, amp: bool):
@@ -248,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
                   + f" | 1-NFE {achieved:.3g} TFLOP/s = {achieved / peak['tflops']:.1%} of peak", flush=True)
         report["settings"][name] = entry
         del flow, reverse
+    again = matmul_peak(device)  # once more at the end: the peak is the better of the two
+    if again["tflops"] > peak["tflops"]:
+        peak.update(again)
+        for entry in report["settings"].values():
+            for out in entry["batches"].values():
+                one = out["onenfe"]
+                one.update(peak_tflops=peak["tflops"], fraction_of_peak=one["achieved_tflops"] / peak["tflops"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

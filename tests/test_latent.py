@@ -225,6 +225,11 @@ def test_encode_shards_on_ray_data_matches_in_process(image_shards, vae_dir, tmp
         remote = encode_shards(image_shards, tmp_path / "ray", str(vae_dir), batch_size=4, use_ray=True, workers=1)
         for split in ("train", "test"):
             assert read_latent_manifest(remote / split)["content_hash"] == read_latent_manifest(local / split)["content_hash"]
+        # what a Ray Train worker does with its dataset shard: read the latent parts, decode rows per batch
+        train = load_latent_split(remote, "train")
+        rows = ray.data.read_parquet(str(remote / "train")).take_batch(len(train), batch_format="numpy")
+        x, y = latents_from_rows(rows, train.meta)
+        assert x.shape == (len(train), 4, 4, 4) and sorted(y.tolist()) == sorted(train.labels.tolist())
     finally:
         if started:
             ray.shutdown()

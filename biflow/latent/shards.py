@@ -351,9 +351,10 @@ def encode_shards(
         (then out_dir is that split's latent directory).
     codec: the VAE (a LatentConfig, its dict, or a VAE path); loaded once here to fingerprint its weights.
     use_ray: Ray Data batch inference, streaming, with an actor pool of `workers` actors, each reserving
-        `num_cpus` CPUs and, with use_gpu, one GPU (read tasks need free CPUs beside them); None = use Ray iff
-        it is already initialised (inside a pipeline step). False: in-process, on CUDA if use_gpu and
-        available, one whole split in memory at a time. Both paths write the same bytes.
+        `num_cpus` CPUs and, with use_gpu, one GPU; Ray Data's read tasks need a free CPU beside them, so a
+        Ray task calling this should itself reserve none. None = use Ray iff it is already initialised
+        (inside a pipeline step). False: in-process, on CUDA if use_gpu and available, one whole split in
+        memory at a time. On the same kind of device both paths write the same bytes.
     A split whose manifest records the same recipe (source content hash, VAE weights, codec settings,
     storage dtype) is not encoded again.
     """
