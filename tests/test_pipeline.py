@@ -106,6 +106,15 @@ def test_paper_scale_pipelines_require_the_data_path(name, capsys):
     assert code == 2 and "data.source is required" in err and len(err.strip().splitlines()) == 1
 
 
+def test_the_latent_pipeline_plans_but_refuses_to_run_until_the_vae_step_exists(tmp_path, capsys):
+    path = str(ROOT / "pipelines" / "imagenet256_latent.yaml")
+    overrides = ["--set", "data.source=/datasets/imagenet/train", "--set", f"pipeline.storage={tmp_path}"]
+    code, out, _ = run_cli(capsys, "status", path, *overrides)
+    assert code == 0 and "5 step(s) would run" in out and "latent VAE step" in out
+    msg = one_line_error(capsys, "run", path, *overrides)
+    assert "pipeline.latent" in msg and "not wired" in msg
+
+
 def test_keys_change_only_downstream_of_a_changed_setting(tmp_path):
     base = plan(load_pipeline(DIGITS, TINY), Storage(str(tmp_path)))
     changed = plan(load_pipeline(DIGITS, [*TINY, "reverse_loss.recon=0.5"]), Storage(str(tmp_path)))

@@ -61,6 +61,19 @@ def step_key(step: str, config: dict[str, Any], inputs: dict[str, str], code: st
     return digest({"format": FORMAT, "step": step, "config": config, "inputs": inputs, "code": code})[:16]
 
 
+def link_or_copy(src: Path, dst: Path) -> Path:
+    """Hard link when possible (same filesystem: free), else copy; `dst` appears atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
 class Storage:
     """The storage root: an absolute local path, or any pyarrow.fs URI (s3://, gs://, hdfs://, ...)."""
 

@@ -14,7 +14,6 @@ derived from the step key (never a timestamp) and a rerun with the same name con
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from biflow.config import ExperimentConfig, TrainConfig
 from biflow.errors import UserError
+from biflow.pipeline.cache import link_or_copy
 from biflow.pipeline.spec import ScalingSection
 from biflow.pipeline.tracking import RunRef, StepRun
 
@@ -117,19 +117,6 @@ def _log_fn(run: StepRun | None, label: str) -> Callable[[int, dict[str, float]]
             run.log_metrics(metrics, step, prefix="train/")
 
     return on_log
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    """Hard link when possible (same filesystem, free), else copy; `dst` appears atomically."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return dst
 
 
 # ------------------------------------------------------------------ in-process
@@ -238,7 +225,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         report = {"step": step, "resumed_from_step": resumed_from, **metrics}
         if rank == 0:  # every rank reports (a barrier); rank 0 attaches the file
             with tempfile.TemporaryDirectory() as d:
-                _copy(path, Path(d) / job.ckpt_name)
+                link_or_copy(path, Path(d) / job.ckpt_name)
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(report)
@@ -283,7 +270,7 @@ def train_on_ray(job: StageJob, num_workers: int, scaling: ScalingSection, stora
     if result.checkpoint is None:
         raise UserError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        _copy(Path(d) / job.ckpt_name, dest)
+        link_or_copy(Path(d) / job.ckpt_name, dest)
     metrics = dict(result.metrics or {})
     return {"steps": int(metrics.get("step", _checkpoint_step(dest))), "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
             "workers": num_workers, "final": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

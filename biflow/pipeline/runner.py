@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 import platform
 import socket
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from biflow.config import ConfigError, flatten
@@ -27,6 +25,9 @@ from biflow.pipeline.spec import (PipelineConfig, resolve_artifact_location, res
                                   resolve_tracking_uri)
 from biflow.pipeline.steps import ORDER, STEPS, StepContext, downstream
 from biflow.pipeline.tracking import RunRef, StepRun, Tracker, start_child
+
+
+TASK_RETRIES = 2  # a step whose process dies (OOM, lost node) runs again and resumes from its checkpoints
 
 
 class StepFailed(UserError):
@@ -194,16 +195,18 @@ def _row(o: Outcome) -> str:
 def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None = None, label: str = "pipeline",
                  echo=print) -> PipelineResult:
     """Run the pipeline: cached steps are skipped, the rest run as Ray tasks; raises StepFailed on a failure."""
-    if cfg.pipeline.latent:
-        raise UserError(f"pipeline.latent={cfg.pipeline.latent!r}: the latent VAE step is not implemented yet; "
-                        "this pipeline validates but cannot run (see the note in the pipeline file)")
+    if cfg.pipeline.latent is not None:
+        raise UserError("pipeline.latent: the VAE encode/decode step is not wired into the pipeline yet (biflow.latent "
+                        "has the codec and latent shards, docs/PAPER_SCALE.md); this pipeline validates and plans, "
+                        "but cannot run")
     check_force(list(force))
     storage = storage_for(cfg)
     storage.check_writable()
     tracker = Tracker(resolve_tracking_uri(cfg), cfg.pipeline.experiment, resolve_artifact_location(cfg))
     steps = plan(cfg, storage, force)
     needs_ray = any(p.will_run for p in steps)  # a fully cached pipeline needs no cluster at all
-    started = connect_ray(address or cfg.pipeline.ray_address) if needs_ray else False
+    address = address or cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS")
+    started = connect_ray(address) if needs_ray else False
     if needs_ray:
         import ray
     result = PipelineResult()
@@ -231,7 +234,7 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
                        "local_dir": cfg.pipeline.local_dir, "parent": parent.ref, "force": p.action == "force",
                        "inputs": p.inputs, "step_config": p.config, "code": p.code}
             inputs = [refs[i] for i in STEPS[p.name].inputs]
-            task = ray.remote(execute_step).options(name=f"biflow:{p.name}", max_retries=0,
+            task = ray.remote(execute_step).options(name=f"biflow:{p.name}", max_retries=TASK_RETRIES,
                                                    **STEPS[p.name].resources(cfg))
             ref = task.remote(payload, *inputs)
             refs[p.name] = ref
@@ -260,7 +263,7 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
         if failure is not None:
             parent.set_tags({"biflow.failed_step": failure.name})
             raise StepFailed(f"step {failure.name} failed: {failure.error}")
-        _finish_parent(parent, storage, result)
+        _finish_parent(tracker, parent, storage, result)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         tracker.end_open_children(parent, status)
@@ -296,7 +299,7 @@ def _log_cache_hit(tracker: Tracker, parent: StepRun, p: Planned, record: dict[s
     run.end("FINISHED")
 
 
-def _finish_parent(parent: StepRun, storage: Storage, result: PipelineResult) -> None:
+def _finish_parent(tracker: Tracker, parent: StepRun, storage: Storage, result: PipelineResult) -> None:
     """Summary metrics (from every step's record) and the report on the parent run."""
     metrics: dict[str, float] = {}
     for o in result.outcomes:
@@ -311,6 +314,7 @@ def _finish_parent(parent: StepRun, storage: Storage, result: PipelineResult) ->
                 parent.log_artifact(d / name)
         result.report = str(d / "report.md") if storage.is_local else storage.uri("report", report.key, "report.md")
     parent.set_tags({"biflow.ran": ",".join(result.ran) or "-"})
+    tracker.end_open_children(parent, "KILLED")  # attempts whose process died before Ray ran them again
     parent.end("FINISHED")
 
 

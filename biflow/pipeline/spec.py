@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from biflow.config import ConfigError, ExperimentConfig, Section, load_yaml
+from biflow.config import ConfigError, ExperimentConfig, LatentConfig, Section, load_yaml
 
 
 class ScalingSection(Section):
@@ -60,7 +60,7 @@ class PipelineSection(Section):
     train_reverse: ScalingSection = ScalingSection()  # stage 2 on Ray Train
     evaluate: EvaluateSection = EvaluateSection()  # the evaluate step
     register_model: str | None = "biflow-reverse"  # MLflow model-registry name of the reverse model; None: don't register
-    latent: str | None = None  # VAE that maps images to latents before stage 1 (e.g. "sd-vae-ft-ema"): not built yet
+    latent: LatentConfig | None = None  # frozen VAE between images and the flow (biflow.latent): not a pipeline step yet
     note: str | None = None  # free text shown by `biflow status` (paper-scale files say what they need)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from biflow.atomic import atomic_write_bytes
 from biflow.config import flatten
-from biflow.pipeline.cache import Storage
+from biflow.pipeline.cache import Storage, link_or_copy
 from biflow.pipeline.spec import PipelineConfig
 from biflow.pipeline.tracking import StepRun
 
@@ -59,6 +59,7 @@ class StepDef:
     code: tuple[str, ...]  # package-relative sources its result depends on (the code version)
     run: Callable[[StepContext], dict[str, Any]]
     resources: Callable[[PipelineConfig], dict[str, Any]]  # Ray task options
+    identity: Callable[[PipelineConfig], Any] | None = None  # what else its result depends on (e.g. the source data)
 
     def config(self, cfg: PipelineConfig) -> dict[str, Any]:
         """The resolved settings this step's result depends on (execution-only fields removed)."""
@@ -71,8 +72,8 @@ class StepDef:
             if section.startswith("train_"):
                 data = {k: v for k, v in data.items() if k not in EXECUTION_ONLY}
             out[section] = data
-        if self.name == "prepare":
-            out["source"] = _data_identity(cfg)
+        if self.identity is not None:
+            out["identity"] = self.identity(cfg)
         return out
 
 
@@ -110,17 +111,11 @@ def data_dir(ctx: StepContext) -> Path:
 
 
 def train_uri(ctx: StepContext) -> str:
-    """The train shards as Ray Data reads them: straight from storage (a URI) or the local path."""
+    """The train shards as Ray Data reads them: the local path, or straight from object storage (a URI)."""
     rec = ctx.inputs["prepare"]["result"]
-    if Path(rec["data_dir"]).is_absolute():
-        return str(Path(rec["data_dir"]) / "train")
-    return ctx.input_uri("prepare", rec["data_dir"], "train") if not ctx.storage.is_local else str(data_dir(ctx) / "train")
-
-
-def _copy_out(src: Path, dst: Path) -> Path:
-    from biflow.pipeline.raytrain import _copy
-
-    return _copy(src, dst)
+    if ctx.storage.is_local or Path(rec["data_dir"]).is_absolute():
+        return str(data_dir(ctx) / "train")
+    return ctx.input_uri("prepare", rec["data_dir"], "train")
 
 
 # ----------------------------------------------------------------------- prepare
@@ -128,12 +123,8 @@ def run_prepare(ctx: StepContext) -> dict[str, Any]:
     from biflow.data import prepare, read_manifest
 
     cfg = ctx.cfg.data
-    if cfg.name == "shards":  # the user's shards are used in place, after validation
-        root = prepare(cfg, ctx.out / "data")
-        rel = str(Path(root).resolve())
-    else:
-        root = prepare(cfg, ctx.out / "data")
-        rel = "data"
+    root = prepare(cfg, ctx.out / "data")  # data.name=shards: the user's shards, validated and used in place
+    rel = str(Path(root).resolve()) if cfg.name == "shards" else "data"
     splits = {}
     for split in ("train", "test"):
         m = read_manifest(Path(root) / split)
@@ -167,7 +158,7 @@ def _train(ctx: StepContext, job) -> tuple[Path, dict[str, Any]]:
     ctx.log(f"training {'in-process' if workers == 0 else f'on Ray Train with {workers} workers'}")
     ckpt, summary = train_stage(job, workers, getattr(ctx.cfg.pipeline, section), ctx.storage.uri("_work", ctx.name, ctx.key),
                                 f"{ctx.name}-{ctx.key}")
-    out = _copy_out(ckpt, ctx.out / job.ckpt_name)
+    out = link_or_copy(ckpt, ctx.out / job.ckpt_name)
     if ctx.run is not None:
         ctx.run.log_artifact(out, "checkpoints")
     return out, summary
@@ -421,7 +412,7 @@ _DATA_CODE = ("data", "atomic.py")
 _FORWARD_CODE = _DATA_CODE + ("models/forward_flow.py", "models/layers.py", "objectives/nll.py", "training",
                               "checkpoint.py", "pipeline/raytrain.py")
 STEPS: dict[str, StepDef] = {s.name: s for s in (
-    StepDef("prepare", (), ("data",), _DATA_CODE, run_prepare, lambda cfg: {"num_cpus": 1}),
+    StepDef("prepare", (), ("data",), _DATA_CODE, run_prepare, lambda cfg: {"num_cpus": 1}, _data_identity),
     StepDef("train_forward", ("prepare",), ("forward", "train_forward"), _FORWARD_CODE, run_train_forward,
             _training_resources("train_forward")),
     StepDef("train_reverse", ("prepare", "train_forward"), ("reverse", "reverse_loss", "train_reverse"),
