@@ -56,7 +56,7 @@ def local_ray():
     import ray
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(num_cpus=2, resources={"train_driver": 2}, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}})
     yield
     ray.shutdown()
@@ -195,3 +195,31 @@ def test_an_interrupted_sweep_resumes_and_runs_only_the_missing_trials(asha_swee
     for tid in done_first:  # finished trials were not redone: their curves did not grow
         assert len(c.get_metric_history(trials[tid].info.run_id, "val_recon")) == history[tid]
     assert len([r for r in every if r.data.tags.get("biflow.step") == "train_forward"]) == 1  # still one stage 1
+
+
+# ------------------------------------------------------------------ Ray Train
+def test_with_workers_each_trial_drives_a_ray_train_run(asha_sweep):
+    """train_reverse.num_workers > 0: the trial drives a 2-worker TorchTrainer (DDP on gloo) and still reports
+    val_recon to Tune as it goes (~1 min of Ray Train start-up on 2 cores)."""
+    from biflow.sweep.runner import run_sweep
+
+    storage = asha_sweep
+    space = space_file(storage, "ddp", f"""
+        metric: fd_evaluator
+        steps: 8
+        report_every: 4
+        val_images: 32
+        scheduler: {{type: fifo}}
+        {EVAL}
+        params:
+          reverse_loss.align: {{grid: [1.0]}}
+        """)
+    result = run_sweep(space, DIGITS, [*overrides(storage), "train_reverse.num_workers=2"])
+    assert not result.interrupted and result.count("finished") == 1, result.rows
+    assert result.upstream["train_forward"] == "cached"
+    c, parent, trials, _ = sweep_runs(storage, "ddp")
+    (run,) = trials.values()
+    assert run.info.status == "FINISHED" and run.data.params["train_reverse.num_workers"] == "2"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val_recon")] == [4, 8]
+    assert "fd_evaluator" in run.data.metrics
+    assert any((result.run_dir / "ray_train").iterdir())  # the trial's Ray Train run (stable name: resumable)

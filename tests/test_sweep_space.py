@@ -194,3 +194,27 @@ def test_the_best_trial_becomes_a_runnable_pipeline_file(tmp_path, base):
     assert cfg.train_reverse.steps == 600 and cfg.pipeline.experiment == "biflow-digits"
     assert cfg.pipeline.evaluate.num_samples == 1000  # the sweep's evaluation overrides are not written back
     assert path.read_text().startswith("# Best trial of sweep inverse_loss-x/run-1")
+
+
+def test_a_sweep_whose_driver_died_is_closed_in_mlflow_by_the_next_invocation(tmp_path):
+    """A killed driver leaves its runs RUNNING; the next `biflow sweep` of that space ends them KILLED (resumable)."""
+    import json
+
+    from biflow.pipeline.tracking import Tracker, start_child
+    from biflow.sweep.runner import _close_if_dead, _hold
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", (tmp_path / "art").as_uri())
+    parent = tracker.start_parent("sweep", {}, {"biflow.kind": "sweep"})
+    child = start_child(parent.ref, "trial", {"biflow.kind": "trial", "biflow.trial_id": "x_00000"})
+    run_dir = tmp_path / "run-1"
+    run_dir.mkdir()
+    (run_dir / "sweep.json").write_text(json.dumps({"parent_run_id": parent.run_id, "status": "running"}))
+    held = _hold(run_dir)  # the driver is alive: nothing is touched
+    _close_if_dead(run_dir, tracker)
+    assert tracker.client.get_run(parent.run_id).info.status == "RUNNING"
+    held.close()  # the driver died
+    _close_if_dead(run_dir, tracker)
+    assert tracker.client.get_run(parent.run_id).info.status == "KILLED"
+    assert tracker.client.get_run(child.run_id).info.status == "KILLED"
+    assert tracker.client.get_run(child.run_id).data.tags["biflow.trial.status"] == "interrupted"
+    assert json.loads((run_dir / "sweep.json").read_text())["status"] == "interrupted"

@@ -126,15 +126,13 @@ def trial_resources(space: Space, cfg) -> tuple[dict[str, float], int]:
 
 
 def build_scheduler(space: Space, steps: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = space.spec.scheduler
     grace = min(s.grace_period or 2 * space.spec.report_every, s.max_t or steps)
     if s.type == "asha":  # stop_last_trials=False: a trial that reaches max_t still gets scored
         return ASHAScheduler(time_attr="step", metric=s.metric, mode="min", max_t=s.max_t or steps, grace_period=grace,
                              reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=False)
-    if s.type == "median":
-        return MedianStoppingRule(time_attr="step", metric=s.metric, mode="min", grace_period=grace, min_samples_required=3)
     return FIFOScheduler()
 
 

@@ -60,7 +60,8 @@ EXACT_CASE = "exact"  # table rows with this case are the forward flow's exact i
 class SchedulerSpec(Section):
     """Which trials stop early, judged on a validation metric reported while they train."""
 
-    type: Literal["asha", "median", "fifo"] = "asha"  # asha: ASHA; median: median stopping rule; fifo: no early stopping
+    type: Literal["asha", "fifo"] = "asha"  # asha: asynchronous successive halving; fifo: no early stopping
+    # (Tune's median rule, HyperBand and PBT pause and restore trials from checkpoints: not offered, see docs/SWEEPS.md)
     metric: Literal["val_recon", "loss"] = "val_recon"  # val_recon: |G(F(x~)) - x|^2 on held-out images; loss: training loss
     grace_period: int | None = Field(None, ge=1)  # steps before a trial can be stopped (None: 2 * report_every)
     reduction_factor: float = Field(3.0, gt=1)  # ASHA: keep the best 1/reduction_factor at each rung

@@ -152,6 +152,14 @@ class TrialRuns(Callback):
                                                  f"at step {(trial.last_result or {}).get('step', '?')}."})
         run.end("FINISHED" if finished else "KILLED")
         self._runs.pop(trial.trial_id, None)
+        last = trial.last_result or {}
+        label = self.space.label(trial.config.get("params", {}))
+        if finished:
+            metric = last.get("metric_name", self.metric)
+            print(f"  trial {trial_number(trial.trial_id):03d} ({label}): {metric} {last.get(metric, float('nan')):.4g} "
+                  f"after {last.get('steps_trained', '?')} steps", flush=True)
+        else:
+            print(f"  trial {trial_number(trial.trial_id):03d} ({label}): stopped early at step {last.get('step', '?')}", flush=True)
         self._notify("complete", trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -159,5 +167,6 @@ class TrialRuns(Callback):
         msg = _error_text(trial)
         run.set_tags({STATUS: "failed", "biflow.error": msg[-4000:]})
         run.end("FAILED")
+        print(f"  trial {trial_number(trial.trial_id):03d} failed: {msg.splitlines()[-1] if msg else '?'}", flush=True)
         self._runs.pop(trial.trial_id, None)
         self._notify("error", trial)

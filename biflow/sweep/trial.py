@@ -65,14 +65,14 @@ class Validator:
     what the sampler must do (map noise codes to clean data) and costs a few milliseconds.
     """
 
-    def __init__(self, flow_path: str | Path, data_dir: str | Path, num: int, device: torch.device, seed: int = 0):
-        from biflow.data import load_split, to_model
+    def __init__(self, flow_path: str | Path, images, labels, device: torch.device, seed: int = 0):
+        """images uint8 (N, H, W, C) and labels (N,): the held-out batch (see `validation_batch`)."""
+        from biflow.data import to_model
         from biflow.training.reverse import frozen_flow
 
-        test = load_split(data_dir, "test")
         flow = frozen_flow(flow_path, device)
-        x = to_model(test.images[:num]).to(device)  # (N, C, H, W)
-        self.y = torch.as_tensor(test.labels[:num], dtype=torch.long, device=device) if flow.cfg.num_classes else None
+        x = to_model(images).to(device)  # (N, C, H, W)
+        self.y = torch.as_tensor(labels, dtype=torch.long, device=device) if flow.cfg.num_classes else None
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device)
         with torch.no_grad():
             self.z, _, _ = flow(x + flow.cfg.noise_std * noise, self.y)  # (N, C, H, W)
@@ -86,6 +86,14 @@ class Validator:
         x_pred, _ = net(self.z, self.y, 0.0)
         net.train(was_training)
         return float((x_pred.float() - self.x).pow(2).mean())
+
+
+def validation_batch(data_dir: str | Path, num: int):
+    """The first `num` test images and labels (fixed for the whole sweep), as small numpy arrays a worker can receive."""
+    from biflow.data import load_split
+
+    test = load_split(data_dir, "test")
+    return test.images[:num].copy(), test.labels[:num].copy()
 
 
 def _train_metrics(step: int, metrics: dict[str, float]) -> dict[str, float]:
@@ -124,11 +132,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                    work_dir=str(work), forward_ckpt=str(fwd_path), forward_ckpt_uri=fwd_uri)
     t_train = time.perf_counter()
     device = resolve_device(cfg.train_reverse.device)
-    validator = Validator(fwd_path, job.data_dir, setup.space.spec.val_images, device)
+    val_batch = validation_batch(job.data_dir, setup.space.spec.val_images)
+    validator = Validator(fwd_path, *val_batch, device)
     if cfg.train_reverse.num_workers == 0:
         ckpt, steps, loss = _train_here(job, validator, device)
     else:
-        ckpt, steps, loss = _train_on_ray_train(job, cfg, setup, trial_id)
+        ckpt, steps, loss = _train_on_ray_train(job, cfg, setup, trial_id, val_batch)
     t_eval = time.perf_counter()
     from biflow.checkpoint import load_checkpoint
 
@@ -174,7 +183,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from biflow.pipeline.raytrain import _DDP, _copy, _quiet_ray_train, build_stage, shard_batches
+    from biflow.pipeline.cache import link_or_copy
+    from biflow.pipeline.raytrain import _DDP, _local_file, _quiet_ray_train, build_stage, shard_batches
     from biflow.training.loop import fit
 
     job = config["job"]
@@ -201,7 +211,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     model = model.to(device)
     unused = job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
     ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-    validator = Validator(config["forward_ckpt"], job.data_dir, config["val_images"], device) if rank == 0 else None
+    validator = Validator(_local_file(job.forward_ckpt, job.forward_ckpt_uri), *config["val_batch"], device) \
+        if rank == 0 else None
     batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world,
                             tuple(job.data_meta["image_shape"]), tcfg.seed * 1000 + rank)
 
@@ -210,7 +221,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             report["val_recon"] = validator(model)
             with tempfile.TemporaryDirectory() as d:
-                _copy(path, Path(d) / job.ckpt_name)
+                link_or_copy(path, Path(d) / job.ckpt_name)
                 checkpoint = Checkpoint.from_directory(d)
                 checkpoint.set_metadata({"step": step})
                 ray.train.report(report, checkpoint=checkpoint)
@@ -222,7 +233,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     shutil.rmtree(local, ignore_errors=True)
 
 
-def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str) -> tuple[Path, int, float]:
+def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str, val_batch) -> tuple[Path, int, float]:
     """A TorchTrainer per trial (stable run name: a restarted trial resumes its run) -> (checkpoint, steps, final loss)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -230,7 +241,8 @@ def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str) -> tuple[Pat
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from biflow.errors import UserError
-    from biflow.pipeline.raytrain import _copy, _materialize_needed
+    from biflow.pipeline.cache import link_or_copy
+    from biflow.pipeline.raytrain import _materialize_needed
 
     scaling = cfg.pipeline.train_reverse
     workers = cfg.train_reverse.num_workers
@@ -240,7 +252,7 @@ def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str) -> tuple[Pat
         ds = ds.materialize()
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": job, "forward_ckpt": job.forward_ckpt, "val_images": setup.space.spec.val_images},
+        train_loop_config={"job": job, "val_batch": val_batch},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=dict(scaling.resources_per_worker) or None),
         run_config=RunConfig(name=f"{setup.run_name}-{trial_id}", storage_path=setup.ray_storage,
@@ -254,7 +266,7 @@ def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str) -> tuple[Pat
         raise UserError(f"trial {trial_id}: its Ray Train run finished without a checkpoint")
     dest = Path(job.work_dir) / job.ckpt_name
     with result.checkpoint.as_directory() as d:
-        _copy(Path(d) / job.ckpt_name, dest)
+        link_or_copy(Path(d) / job.ckpt_name, dest)
     metrics = result.metrics or {}
     return dest, int(metrics.get("step", cfg.train_reverse.steps)), float(metrics.get("loss", float("nan")))
 
