@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/biflow demo --out runs/demo
+	$(VENV)/bin/biflow run pipelines/digits.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
