@@ -241,7 +241,7 @@ def _materialize_needed(num_workers: int, scaling: ScalingSection) -> bool:
     """Ray Data needs a free CPU to read; when the training workers take every CPU, read everything first."""
     import ray
 
-    per_worker = scaling.resources_per_worker.get("CPU", 0 if scaling.use_gpu and "CPU" not in scaling.resources_per_worker else 1)
+    per_worker = scaling.resources_per_worker.get("CPU", 1)  # Ray Train's default is one CPU per worker
     return ray.cluster_resources().get("CPU", 0) - num_workers * per_worker < 1
 
 
