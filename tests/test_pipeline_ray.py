@@ -23,12 +23,16 @@ def local_ray():
     """One Ray instance with its dashboard: Ray Train cleans up through it, and the state API finds workers."""
     import ray
 
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # the pipelines' own default store, under tmp storage
+    if ray.is_initialized():  # left over by another module: start ours with the settings below
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
              runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     yield
     ray.shutdown()
+    if saved_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 def test_a_pipeline_trains_stage_2_on_a_two_worker_torchtrainer(tmp_path, capsys):
