@@ -173,6 +173,7 @@ def test_the_ablation_table_puts_our_numbers_beside_the_papers(base):
     lines = md.splitlines()
     exact = next(ln for ln in lines if "exact inverse" in ln)
     assert "| alignment strategy |" in exact and "44.46" in exact and "| 9 |" in exact and "reference" in exact
+    assert "| 55.00 |" in next(ln for ln in lines if "| hidden distillation |" in ln)
     hidden = next(ln for ln in lines if "| hidden alignment |" in ln)
     assert "36.93" in hidden and "11 ± 1.4" in hidden and "2/2" in hidden
     assert "— (failed)" in next(ln for ln in lines if "| none |" in ln)

@@ -147,13 +147,15 @@ def ablation_table(space: Space, rows: list[dict[str, Any]], metric: str, datase
         nfe = done[0].get("nfe") if done else None
         section = row.section if row.section != last else ""
         last = row.section
-        lines.append(f"| {section} | {row.row} | {_fmt(row.paper)} | {ours} | {_fmt(ms, 3)} | {nfe if nfe is not None else '—'} "
+        paper = "—" if row.paper is None else f"{row.paper:.2f}"
+        lines.append(f"| {section} | {row.row} | {paper} | {ours} | {_fmt(ms, 3)} | {nfe if nfe is not None else '—'} "
                      f"| {count} | {row.note or ''} |")
         out_rows.append({"section": row.section, "setting": row.row, "case": row.case, "paper": row.paper,
                          "ours": mean, "ours_std": sd, "ms_per_image": ms, "nfe": nfe, "finished": len(done),
                          "trials": len(got)})
     lines += ["", f"Paper: {table.paper_metric}. Ours: {shown} on {dataset}, mean over finished trials (± std when "
-                  "there are several seeds); ms/image measured serially after the sweep, one thread, batch as configured."]
+                  "there are several seeds); ms/image measured one sampler at a time after the sweep "
+                  "(pipeline.evaluate: timing_batch, timing_repeats, cpus)."]
     if metric == "fd_evaluator":
         lines += ["fd_evaluator is the Fréchet distance on a small CNN trained on this dataset: compare the ordering "
                   "of the rows with the paper's, not the values."]
