@@ -258,9 +258,10 @@ def test_every_run_and_artifact_reached_the_tracking_server(cluster, kill_run):
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert sorted(children) == sorted(STEPS)
-    assert all(r.info.status == "FINISHED" for r in children.values())
+    attempts = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    children = {r.info.run_name: r for r in attempts if r.info.status == "FINISHED"}
+    assert sorted(children) == sorted(STEPS) and len(children) == len([r for r in attempts if r.info.status == "FINISHED"])
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in attempts)  # KILLED: an attempt Ray ran again
 
     def files(run) -> set[str]:
         out, todo = set(), [None]

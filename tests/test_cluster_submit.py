@@ -112,10 +112,12 @@ def test_env_items(monkeypatch):
         jobs.parse_env(["FROM_SHELL"])
 
 
-def test_storage_and_tracking_become_overrides_of_run_and_status_only():
+def test_storage_and_tracking_become_overrides_of_the_pipeline_commands_only():
     assert job_command(["run", DIGITS], "s3://b/x", "http://mlflow:5000") == [
         "run", DIGITS, "--set", "pipeline.storage=s3://b/x", "--set", "pipeline.tracking_uri=http://mlflow:5000"]
     assert job_command(["status", DIGITS], "/nfs/x", None) == ["status", DIGITS, "--set", "pipeline.storage=/nfs/x"]
+    assert job_command(["sweep", "tune_spaces/x.yaml", "--pipeline", DIGITS], "s3://b/x", None) == [
+        "sweep", "tune_spaces/x.yaml", "--pipeline", DIGITS, "--set", "pipeline.storage=s3://b/x"]
     assert job_command(["demo"], "/nfs/x", "http://m:5000") == ["demo"]
     with pytest.raises(UserError, match="not a biflow command"):
         job_command(["python", "train.py"], None, None)

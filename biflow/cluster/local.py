@@ -173,22 +173,53 @@ class LocalCluster:
         return env
 
     # ------------------------------------------------------------------ starting
-    def start(self, workers: list[dict] = (), timeout: float = 240) -> LocalCluster:
-        """Start MLflow (in parallel), the head, then the workers: [{"cpus": 1, "resources": {"node2": 1}}, ...]."""
+    def start(self, workers: list[dict] = (), timeout: float = 240, attempts: int = 3) -> LocalCluster:
+        """Start MLflow (in parallel), the head, then the workers: [{"cpus": 1, "resources": {"node2": 1}}, ...].
+
+        A node whose `ray start` gives up is started again (up to `attempts` times): Ray allows a raylet 30 s
+        to register, which a machine under heavy load can miss.
+        """
         try:
             if self.want_mlflow:
                 self._start_mlflow()
-            self._start_node(head=True, cpus=self.head_cpus, resources=self.head_resources)
-            _wait_http(f"{self.dashboard}/api/gcs_healthz", timeout, self.nodes[0].proc, "the Ray head", self.nodes[0].log)
-            for w in workers:
-                self.add_worker(w.get("cpus", 1), w.get("resources", {}), wait=False)
-            self.wait_for_nodes(1 + len(workers), timeout)
+            for attempt in range(attempts):
+                head = self._start_node(head=True, cpus=self.head_cpus, resources=self.head_resources)
+                try:
+                    _wait_http(f"{self.dashboard}/api/gcs_healthz", timeout, head.proc, "the Ray head", head.log)
+                    break
+                except UserError:
+                    if head.proc.poll() is None or attempt == attempts - 1:
+                        raise
+                    self.stop_node(head)
+                    self.nodes.remove(head)
+                    self.gcs_port, self.dashboard_port = free_port(), free_port()
+            specs = [(w.get("cpus", 1), dict(w.get("resources", {}))) for w in workers]
+            started = [self.add_worker(cpus, res, wait=False) for cpus, res in specs]
+            deadline = time.monotonic() + timeout
+            retries = [attempts - 1] * len(specs)
+            while len(self._alive_nodes()) < 1 + len(specs):
+                for i, node in enumerate(started):
+                    if node.proc.poll() is not None and retries[i] > 0:  # gave up while starting: once more
+                        self.stop_node(node)
+                        self.nodes.remove(node)
+                        started[i] = self._start_node(head=False, cpus=specs[i][0], resources=specs[i][1], ip=node.ip)
+                        retries[i] -= 1
+                if time.monotonic() > deadline:
+                    logs = "\n".join(f"--- {n.log}\n{_tail(n.log, 8)}" for n in self.nodes)
+                    raise UserError(f"{len(self._alive_nodes())} of {1 + len(specs)} Ray nodes alive after {timeout:.0f} s\n{logs}")
+                time.sleep(1)
             if self.mlflow_proc is not None:
                 _wait_http(f"{self.tracking_uri}/health", timeout, self.mlflow_proc, "the MLflow server", self.root / "mlflow.log")
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)
             raise
         return self
+
+    def _alive_nodes(self) -> list[dict]:
+        try:
+            return self.api().nodes()
+        except UserError:
+            return []
 
     def _ray_ports(self, head: bool) -> list[str]:
         lo, hi = free_port_range(60)
@@ -201,11 +232,12 @@ class LocalCluster:
                      f"--ray-client-server-port={free_port()}"]
         return args
 
-    def _start_node(self, head: bool, cpus: float, resources: dict[str, float]) -> Node:
-        name = "head" if head else f"worker{len(self.nodes)}"
-        ip = HEAD_IP if head else f"127.0.0.{self._next_ip}"
-        if not head:
-            self._next_ip += 1
+    def _start_node(self, head: bool, cpus: float, resources: dict[str, float], ip: str | None = None) -> Node:
+        if ip is None:
+            ip = HEAD_IP if head else f"127.0.0.{self._next_ip}"
+            if not head:
+                self._next_ip += 1
+        name = "head" if head else f"worker{int(ip.rsplit('.', 1)[1]) - 2}"  # 127.0.0.3 is worker1
         temp = self.ray_tmp / name
         temp.mkdir(parents=True, exist_ok=True)
         log = self.root / f"ray-{name}.log"
@@ -226,11 +258,8 @@ class LocalCluster:
                    timeout: float = 180) -> Node:
         node = self._start_node(head=False, cpus=cpus, resources=dict(resources or {}))
         if wait:
-            self.wait_for_nodes(self.alive_count_expected(), timeout)
+            self.wait_for_nodes(sum(1 for n in self.nodes if n.proc.poll() is None), timeout)
         return node
-
-    def alive_count_expected(self) -> int:
-        return sum(1 for n in self.nodes if n.proc.poll() is None)
 
     def _start_mlflow(self) -> None:
         log = self.root / "mlflow.log"
@@ -249,23 +278,14 @@ class LocalCluster:
         return Dashboard(self.dashboard, auth.Token(self.token, "LocalCluster") if self.token else None)
 
     def wait_for_nodes(self, count: int, timeout: float = 180) -> list[dict]:
-        """Until `count` nodes are alive (each node's `ray start` still running); returns the dashboard's node list."""
+        """Until `count` nodes are alive; returns the dashboard's node list."""
         deadline = time.monotonic() + timeout
-        api = self.api()
-        while True:
-            for n in self.nodes:
-                if n.proc.poll() is not None and n.proc.returncode not in (0, -9, -15) and n.name == "head":
-                    raise UserError(f"the Ray head exited ({n.proc.returncode}); last lines of {n.log}:\n{_tail(n.log)}")
-            try:
-                alive = api.nodes()
-            except UserError:
-                alive = []
-            if len(alive) >= count:
-                return alive
+        while len(alive := self._alive_nodes()) < count:
             if time.monotonic() > deadline:
                 logs = "\n".join(f"--- {n.log}\n{_tail(n.log, 8)}" for n in self.nodes)
                 raise UserError(f"{len(alive)} of {count} Ray nodes alive after {timeout:.0f} s\n{logs}")
             time.sleep(1)
+        return alive
 
     # -------------------------------------------------------------------- faults
     def kill_raylet(self, node: Node) -> int:
@@ -294,9 +314,15 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             pass
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
+        """Kill every process this cluster started; keep_logs: copy Ray's logs to <root>/ray-logs/ first."""
         for node in reversed(self.nodes):
             self.stop_node(node)
+        if keep_logs:
+            for node in self.nodes:
+                for logs in node.temp_dir.glob("session_*/logs"):
+                    shutil.copytree(logs, self.root / "ray-logs" / node.name, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("*.sock", "events"))
         if self.mlflow_proc is not None and self.mlflow_proc.poll() is None:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:

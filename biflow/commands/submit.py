@@ -23,6 +23,7 @@ from pathlib import Path
 from biflow.errors import UserError
 
 HELP = "run a biflow command (run, sweep, ...) as a job on a Ray cluster and follow it"
+PIPELINE_COMMANDS = ("run", "status", "sweep")  # commands that load a pipeline file with --set overrides
 
 
 def add_arguments(p) -> None:
@@ -44,7 +45,7 @@ def add_arguments(p) -> None:
                       help="environment variable of the job (repeatable; a bare KEY copies this shell's value)")
     code.add_argument("--storage", default=None, metavar="ROOT",
                       help="storage root every node shares (s3://bucket/biflow, an NFS path): "
-                           "--set pipeline.storage=ROOT for run/status, $BIFLOW_STORAGE for every command")
+                           "--set pipeline.storage=ROOT for run/status/sweep, $BIFLOW_STORAGE for every command")
     code.add_argument("--tracking-uri", default=None, metavar="URI",
                       help="MLflow tracking server as the cluster's nodes reach it (e.g. http://mlflow:5000): "
                            "$MLFLOW_TRACKING_URI of the job; unset: the cluster's own environment decides")
@@ -90,7 +91,7 @@ def run(args) -> int:
 
 # ---------------------------------------------------------------------- submit
 def job_command(command: list[str], storage: str | None, tracking_uri: str | None) -> list[str]:
-    """The biflow argv the job runs: `command`, with --storage/--tracking-uri as overrides for run/status."""
+    """The biflow argv the job runs: `command`, with --storage/--tracking-uri as overrides for run/status/sweep."""
     from biflow.cli import build_parser
 
     _, modules = build_parser()
@@ -101,7 +102,7 @@ def job_command(command: list[str], storage: str | None, tracking_uri: str | Non
         raise UserError(f"-- {name}: not a biflow command (commands: {', '.join(sorted(modules))}); "
                         "for any other program use `ray job submit`")
     out = list(command)
-    if name in ("run", "status"):
+    if name in PIPELINE_COMMANDS:
         if storage:
             out += ["--set", f"pipeline.storage={storage}"]
         if tracking_uri:
@@ -110,7 +111,7 @@ def job_command(command: list[str], storage: str | None, tracking_uri: str | Non
 
 
 def preflight(command: list[str], job_env: dict[str, str], dash, working_dir: Path | None) -> list[str]:
-    """Check here what would fail on the cluster: the command's arguments, and for run/status the pipeline, its
+    """Check here what would fail on the cluster: the command's arguments, and for run/status/sweep the pipeline, its
     storage root and tracking store against the cluster's node count. Returns notes to print."""
     from biflow.cli import build_parser
     from biflow.cluster.storage import SharedStorageError, check_shared_storage, check_tracking_uri, is_uri
@@ -120,7 +121,7 @@ def preflight(command: list[str], job_env: dict[str, str], dash, working_dir: Pa
         args = parser.parse_args(command)
     except SystemExit:  # argparse printed what is wrong
         raise UserError(f"the job's command `biflow {shlex.join(command)}` is invalid (see above)") from None
-    if command[0] not in ("run", "status"):
+    if command[0] not in PIPELINE_COMMANDS:
         return []
     from biflow.pipeline.spec import load_pipeline
 
