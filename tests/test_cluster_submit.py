@@ -118,7 +118,7 @@ def test_storage_and_tracking_become_overrides_of_the_pipeline_commands_only():
     assert job_command(["status", DIGITS], "/nfs/x", None) == ["status", DIGITS, "--set", "pipeline.storage=/nfs/x"]
     assert job_command(["sweep", "tune_spaces/x.yaml", "--pipeline", DIGITS], "s3://b/x", None) == [
         "sweep", "tune_spaces/x.yaml", "--pipeline", DIGITS, "--set", "pipeline.storage=s3://b/x"]
-    assert job_command(["demo"], "/nfs/x", "http://m:5000") == ["demo"]
+    assert job_command(["train", "--out", "/nfs/x"], "/nfs/x", "http://m:5000") == ["train", "--out", "/nfs/x"]
     with pytest.raises(UserError, match="not a biflow command"):
         job_command(["python", "train.py"], None, None)
     with pytest.raises(UserError, match="cannot be `submit`"):
