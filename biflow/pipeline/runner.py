@@ -209,6 +209,10 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
     started = connect_ray(address) if needs_ray else False
     if needs_ray:
         import ray
+
+        from biflow.cluster.storage import check_cluster
+
+        check_cluster(storage.root, tracker.uri)  # multi-node: node-local storage or sqlite is a one-line error
     result = PipelineResult()
     parent = tracker.start_parent(f"{label} {time.strftime('%Y-%m-%d %H:%M:%S')}", flatten(cfg),
                                   {"biflow.pipeline": label, "biflow.storage": storage.root,
