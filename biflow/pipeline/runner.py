@@ -107,7 +107,7 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
     """
     import shutil
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     name, key = payload["name"], payload["key"]
     cfg = PipelineConfig.model_validate(payload["config"])
     storage = Storage(payload["storage"], payload["local_dir"])
@@ -131,13 +131,14 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
             print(f"[{name}] started (key {key})", flush=True)
             result = step.run(ctx)
             wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0 + result.pop("child_cpu_s", 0.0)  # CPU seconds, all threads (and fan-out tasks)
             record = storage.publish(name, key, out, {
                 "inputs": payload["inputs"], "config": payload["step_config"], "code": payload["code"], "result": result,
                 "mlflow_run_id": run.run_id if run else None, "mlflow_experiment_id": parent.experiment_id if parent else None,
-                "wall_s": wall, "host": socket.gethostname(), "python": platform.python_version()})
+                "wall_s": wall, "cpu_s": cpu, "host": socket.gethostname(), "python": platform.python_version()})
             storage.discard_work(name, key)
             if run is not None:
-                run.log_metrics({"step/wall_s": wall})
+                run.log_metrics({"step/wall_s": wall, "step/cpu_s": cpu})
                 run.end("FINISHED")
         except BaseException:
             if run is not None:
@@ -189,7 +190,9 @@ def _check_ray_address(address: str) -> None:
 
 # ------------------------------------------------------------------------ running
 def _row(o: Outcome) -> str:
-    return f"  {o.name:<14} {o.status:<24} {o.wall_s:8.1f} s   {o.key}"
+    cpu = (o.record or {}).get("cpu_s") if o.status == "ran" else None
+    cpu = f"{cpu:8.1f} s" if cpu is not None else " " * 10
+    return f"  {o.name:<14} {o.status:<24} {o.wall_s:8.1f} s {cpu}   {o.key}"
 
 
 def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None = None, label: str = "pipeline",
@@ -221,7 +224,7 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
     result.parent_run_id = parent.run_id
     echo(f"pipeline {label}: storage {storage.root}; MLflow {tracker.uri} (experiment {cfg.pipeline.experiment!r}, "
          f"run {parent.run_id})")
-    echo(f"  {'step':<14} {'status':<24} {'wall':>10}   key")
+    echo(f"  {'step':<14} {'status':<24} {'wall':>10} {'cpu':>10}   key")
     try:
         refs: dict[str, Any] = {}
         pending: dict[Any, Planned] = {}

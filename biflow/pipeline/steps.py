@@ -13,6 +13,7 @@ steps and `biflow status` read it instead of the files.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +224,7 @@ def score_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     from biflow.metrics.evaluator import load_or_train_evaluator
     from biflow.training.loop import resolve_device
 
+    c0 = time.process_time()
     torch.set_num_threads(max(1, int(spec["cpus"])))
     device = resolve_device(spec["device"])
     path = Path(spec["checkpoint"])
@@ -257,14 +259,21 @@ def score_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     return {"sampler": spec["sampler"], "metric_name": metric, metric: scores[metric], "is": scores["is"],
             "is_std": scores["is_std"], "class_acc": scores["class_acc"], "ms_per_image": timing["ms_per_image"],
             "images_per_s": timing["images_per_s"], "nfe": nfe, "timing": timing, "denoise": details["denoise"],
-            "num_samples": scores["num_samples"], "num_reference": scores["num_reference"], "grid": grid}
+            "num_samples": scores["num_samples"], "num_reference": scores["num_reference"], "grid": grid,
+            "cpu_s": time.process_time() - c0}
+
+
+def ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _fan_out(fn: Callable[[dict], dict], specs: list[dict], options: dict[str, Any]) -> list[dict]:
     """fn(spec) for every spec as parallel Ray tasks (serially when Ray is not running)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray_running():
         return [fn(s) for s in specs]
     task = ray.remote(fn).options(**options)
     return ray.get([task.remote(s) for s in specs])
@@ -326,8 +335,10 @@ def run_evaluate(ctx: StepContext) -> dict[str, Any]:
         ctx.run.log_artifact(ctx.out / "metrics.json")
     for s, res in samplers.items():
         ctx.log(f"{s}: {res['metric_name']} {res[res['metric_name']]:.4g}, {res['ms_per_image']:.3g} ms/image, NFE {res['nfe']}")
+    parallel = ray_running()  # fan-out tasks ran in other processes: count their CPU time too
     return {"samplers": samplers, "metrics": metrics, "grids": {s: f"samples_{s}.png" for s in grids},
-            "side_by_side": "samples_side_by_side.png"}
+            "side_by_side": "samples_side_by_side.png",
+            "child_cpu_s": sum(r["cpu_s"] for r in samplers.values()) if parallel else 0.0}
 
 
 # ------------------------------------------------------------------------ report
