@@ -4,7 +4,7 @@ ablation table, and the best trial written back as a runnable pipeline file.
 Rows are plain dicts, one per trial (plus one for the exact-inverse reference when there is one):
 
     trial_id, label, status (finished | stopped_early | failed | interrupted), values {axis: value},
-    <metric>, ms_per_image, nfe, class_acc, val_recon, steps_trained, forward_key, run_id, pareto
+    <metric>, ms_per_image, nfe, class_acc, val_fd, val_recon, steps_trained, forward_key, run_id, pareto
 """
 from __future__ import annotations
 
@@ -50,6 +50,21 @@ def mark_pareto(rows: list[dict[str, Any]], metric: str) -> None:
         r["pareto"] = on
 
 
+def rank_agreement(rows: list[dict[str, Any]], metric: str, scheduler_metric: str) -> float | None:
+    """Spearman correlation, over finished trials, of the scheduler's last validation value and the final metric.
+
+    Near 1: early stopping ranked trials the way the final score does; near 0 or negative: it did not.
+    """
+    pairs = [(r[scheduler_metric], r[metric]) for r in rows
+             if r["trial_id"] != REFERENCE_ID and _ok(r, metric) and _num(r.get(scheduler_metric))]
+    if len(pairs) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
+    return float(rho) if math.isfinite(rho) else None
+
+
 def best_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     trials = [r for r in rows if r["trial_id"] != REFERENCE_ID and _ok(r, metric)]
     return min(trials, key=lambda r: r[metric]) if trials else None
@@ -67,7 +82,7 @@ def pareto_plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str)
     trials = [r for r in rows if r["trial_id"] != REFERENCE_ID and _ok(r, metric)]
     ref = [r for r in rows if r["trial_id"] == REFERENCE_ID and _ok(r, metric)]
     ax.scatter([r["ms_per_image"] for r in trials], [r[metric] for r in trials], s=28, alpha=0.75, color="tab:blue",
-               label=f"1-NFE trials ({len(trials)})")
+               label=f"reverse-model trials ({len(trials)})")
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["ms_per_image"])
     if front:
         ax.step([r["ms_per_image"] for r in front], [r[metric] for r in front], where="post", color="tab:red", lw=1.2)
@@ -103,7 +118,7 @@ def _cell(v: Any) -> str:
 def trials_csv(rows: list[dict[str, Any]], space: Space, metric: str) -> str:
     """One line per trial (and the reference): status, axis values, scores, Pareto membership, MLflow run."""
     axes = [p.name for p in space.params]
-    cols = ["trial_id", "status", "label", *axes, metric, "ms_per_image", "nfe", "class_acc", "val_recon",
+    cols = ["trial_id", "status", "label", *axes, metric, "ms_per_image", "nfe", "class_acc", "val_fd", "val_recon",
             "steps_trained", "pareto", "forward_key", "run_id"]
     buf = io.StringIO()
     w = csv.writer(buf)

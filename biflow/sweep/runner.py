@@ -34,7 +34,7 @@ from biflow.pipeline.spec import load_pipeline, resolve_artifact_location, resol
 from biflow.pipeline.tracking import RunRef, StepRun, Tracker
 from biflow.sweep import tracking as sweep_tracking
 from biflow.sweep.report import (REFERENCE_ID, ablation_table, best_pipeline, best_trial, mark_pareto, pareto_plot,
-                                 trials_csv, write_text)
+                                 rank_agreement, trials_csv, write_text)
 from biflow.sweep.space import FORWARD_SECTIONS, Space, load_space
 from biflow.sweep.tracking import KIND, STATUS, TrialRuns, children, start_run
 from biflow.sweep.trial import FINAL, TrialSetup, run_trial, sampler_spec
@@ -131,7 +131,7 @@ def build_scheduler(space: Space, steps: int):
     s = space.spec.scheduler
     grace = min(s.grace_period or 2 * space.spec.report_every, s.max_t or steps)
     if s.type == "asha":  # stop_last_trials=False: a trial that reaches max_t still gets scored
-        return ASHAScheduler(time_attr="step", metric=s.metric, mode="min", max_t=s.max_t or steps, grace_period=grace,
+        return ASHAScheduler(time_attr="step", metric=space.scheduler_metric, mode="min", max_t=s.max_t or steps, grace_period=grace,
                              reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=False)
     return FIFOScheduler()
 
@@ -258,7 +258,7 @@ def _parent_params(space: Space, cfg, n: int) -> dict[str, Any]:
     params = flatten(cfg.model_dump(exclude={"pipeline"}))
     s = space.spec
     params.update({"sweep.metric": s.metric, "sweep.num_samples": n, "sweep.num_trials": space.num_trials(n),
-                   "sweep.scheduler": s.scheduler.type, "sweep.scheduler.metric": s.scheduler.metric,
+                   "sweep.scheduler": s.scheduler.type, "sweep.scheduler.metric": space.scheduler_metric,
                    "sweep.steps": s.steps, "sweep.report_every": s.report_every, "sweep.seed": s.seed})
     params.update({f"sweep.axis.{p.name}": p.describe()[:500] for p in space.params})
     params.update({f"sweep.fixed.{k}": v for k, v in s.fixed.items()})
@@ -316,7 +316,7 @@ def _run(space: Space, cfg, base, n, storage: Storage, parent: StepRun, run_dir:
                 run_config=tune.RunConfig(name="tune", storage_path=str(run_dir), callbacks=[callback],
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0))
         echo(f"  trials: {space.num_trials(n)}, {concurrent} at once, {resources} each; "
-             f"scheduler {space.spec.scheduler.type} on {space.spec.scheduler.metric}")
+             f"scheduler {space.spec.scheduler.type} on {space.scheduler_metric}")
         grid = tuner.fit()
     finally:
         sweep_tracking.LISTENER = None
@@ -446,6 +446,7 @@ def _collect(grid, space: Space, parent: StepRun) -> list[dict[str, Any]]:
         rows.append({"trial_id": trial_id, "label": space.label(values), "status": status, "values": values,
                      metric: m.get(metric) if status == "finished" else None, "nfe": m.get("nfe"),
                      "class_acc": m.get("class_acc"), "val_recon": _last(run, "val_recon", m),
+                     "val_fd": _last(run, "val_fd", m), "loss": _last(run, "loss", m),
                      "steps_trained": m.get("steps_trained", m.get("step")), "forward_key": m.get("forward_key"),
                      "checkpoint": m.get("checkpoint"), "run_id": run.info.run_id if run is not None else None,
                      "error": str(res.error)[:300] if res.error is not None else None})
@@ -459,19 +460,26 @@ def _last(run, key: str, metrics: dict[str, Any]) -> float | None:
 
 
 def _end_open_trials(parent: StepRun, why: str) -> None:
-    """Trial runs still RUNNING (their trial did not finish in this invocation) end KILLED, tagged `why`."""
+    """Child runs still RUNNING (trials, or pipeline steps the sweep ran, that did not finish) end KILLED;
+    trial runs are tagged `why` (a resumed sweep reopens them)."""
     try:
-        for run in children(parent.ref, "trial"):
+        for run in children(parent.ref):
             if run.info.status == "RUNNING":
-                StepRun(RunRef(parent.ref.uri, parent.ref.experiment_id, run.info.run_id)).set_tags({STATUS: why})
+                if run.data.tags.get(KIND) == "trial":
+                    StepRun(RunRef(parent.ref.uri, parent.ref.experiment_id, run.info.run_id)).set_tags({STATUS: why})
                 parent.client.set_terminated(run.info.run_id, "KILLED")
     except Exception:  # noqa: BLE001 - cleanup on the way out must not hide the original error
         pass
 
 
 # -------------------------------------------------------------------- timing
-def _time_samplers(rows: list[dict], reference: dict | None, cfg, space: Space, echo) -> None:
-    """ms/image of every finished trial (and the reference), one at a time in this process: a fair comparison."""
+def _time_samplers(rows: list[dict], reference: dict | None, cfg, space: Space, echo, rounds: int = 3) -> None:
+    """ms/image of every finished trial (and the reference), one sampler at a time in this process.
+
+    The shared `time_sampler` (median of pipeline.evaluate.timing_repeats batches) runs `rounds` times,
+    round-robin over the samplers, and each keeps its fastest round: load from other processes slows
+    whichever sampler it happens to hit, and the minimum is the least disturbed measurement.
+    """
     import torch
 
     from biflow.checkpoint import read_checkpoint
@@ -485,9 +493,10 @@ def _time_samplers(rows: list[dict], reference: dict | None, cfg, space: Space, 
     torch.set_num_threads(max(1, int(ev.cpus)))
     device = resolve_device(ev.device)
     todo = [r for r in rows if r["status"] == "finished" and r.get("checkpoint")] + ([reference] if reference else [])
-    echo(f"  timing {len(todo)} sampler(s) serially: batch {ev.timing_batch}, {ev.timing_repeats} repeats, "
-         f"{max(1, int(ev.cpus))} thread(s)")
+    echo(f"  timing {len(todo)} sampler(s) one at a time: batch {ev.timing_batch}, median of {ev.timing_repeats}, "
+         f"best of {rounds} rounds, {max(1, int(ev.cpus))} thread(s)")
     try:
+        draws = []
         for r in todo:
             path = Path(r["checkpoint"])
             sampler = "exact" if r["trial_id"] == REFERENCE_ID else "1nfe"
@@ -497,8 +506,12 @@ def _time_samplers(rows: list[dict], reference: dict | None, cfg, space: Space, 
                 y = balanced_labels(b, num_classes)
                 return fn(b, None if y is None else torch.from_numpy(y))
 
-            t = time_sampler(draw, ev.timing_batch, repeats=ev.timing_repeats, warmup=1, device=device)
-            r["ms_per_image"], r["nfe"] = t["ms_per_image"], nfe
+            draws.append(draw)
+            r["nfe"], r["ms_per_image"] = nfe, float("inf")
+        for _ in range(rounds):
+            for r, draw in zip(todo, draws):
+                t = time_sampler(draw, ev.timing_batch, repeats=ev.timing_repeats, warmup=1, device=device)
+                r["ms_per_image"] = min(r["ms_per_image"], t["ms_per_image"])
     finally:
         torch.set_num_threads(threads)
 
@@ -518,8 +531,10 @@ def _report(result: SweepResult, space: Space, cfg, base: dict, parent: StepRun,
     fig = pareto_plot(rows, metric, run_dir / "pareto.png", title)
     files["pareto"] = run_dir / "pareto.png"
     files["trials"] = write_text(run_dir / "trials.csv", trials_csv(rows, space, metric))
+    agreement = rank_agreement(rows, metric, space.scheduler_metric)
     summary = {"sweep": result.name, "metric": metric, "best": best, "rows": rows,
-               "counts": {s: result.count(s) for s in ("finished", "stopped_early", "failed")}}
+               "counts": {s: result.count(s) for s in ("finished", "stopped_early", "failed")},
+               "scheduler_metric": space.scheduler_metric, "scheduler_metric_spearman": agreement}
     if space.spec.table is not None:
         md, table_rows = ablation_table(space, rows, metric, cfg.data.name)
         files["table"] = write_text(run_dir / "ablation.md", md)
@@ -539,6 +554,8 @@ def _report(result: SweepResult, space: Space, cfg, base: dict, parent: StepRun,
             parent.log_artifact(png, "samples")
     _log_reference(parent, rows, metric)
     metrics = {f"trials/{s}": result.count(s) for s in ("finished", "stopped_early", "failed")}
+    if agreement is not None:
+        metrics["scheduler_metric_spearman"] = agreement
     if best is not None:
         metrics.update({f"best/{metric}": best[metric], "best/ms_per_image": best.get("ms_per_image")})
         parent.set_tags({"biflow.best_trial": best["trial_id"], "biflow.best_run": best.get("run_id") or "-"})
@@ -552,6 +569,8 @@ def _report(result: SweepResult, space: Space, cfg, base: dict, parent: StepRun,
     result.files = files
     echo(f"  finished {result.count('finished')}, stopped early {result.count('stopped_early')}, "
          f"failed {result.count('failed')}")
+    if agreement is not None:
+        echo(f"  rank agreement of {space.scheduler_metric} (last report) with {metric}: Spearman {agreement:+.2f}")
     if best is not None:
         echo(f"  best: trial {best['trial_id']} ({best['label']}): {metric} {best[metric]:.4g}, "
              f"{best.get('ms_per_image', float('nan')):.3g} ms/image -> {files['best_pipeline']}")
@@ -579,7 +598,7 @@ def describe(space: Space, base: dict[str, Any], n: int | None = None) -> str:
     stage1 = ("shared" if not space.changes_forward else "shared, plus one per distinct forward setting") if shared \
         else "one per distinct forward setting (trained in the trials, cached)"
     lines = [f"{space.path}: {space.num_trials(n)} trial(s) = grid {space.grid_size()} x num_samples {n or s.num_samples}",
-             f"  metric {s.metric}; scheduler {s.scheduler.type} on {s.scheduler.metric}; steps {s.steps or '(pipeline)'}, "
+             f"  metric {s.metric}; scheduler {s.scheduler.type} on {space.scheduler_metric}; steps {s.steps or '(pipeline)'}, "
              f"report every {s.report_every}; stage 1: {stage1}"]
     lines += [f"  {p.describe()}" for p in space.params]
     if s.fixed:

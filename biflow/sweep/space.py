@@ -62,7 +62,10 @@ class SchedulerSpec(Section):
 
     type: Literal["asha", "fifo"] = "asha"  # asha: asynchronous successive halving; fifo: no early stopping
     # (Tune's median rule, HyperBand and PBT pause and restore trials from checkpoints: not offered, see docs/SWEEPS.md)
-    metric: Literal["val_recon", "loss"] = "val_recon"  # val_recon: |G(F(x~)) - x|^2 on held-out images; loss: training loss
+    # val_fd: the final metric on val_images samples of the EMA weights (default with evaluator features);
+    # val_recon: |G(F(x~)) - x|^2 on held-out images (default with Inception: its features cost ~0.5 s/image on CPU);
+    # loss: the training loss (not comparable across loss weightings)
+    metric: Literal["val_fd", "val_recon", "loss"] | None = None
     grace_period: int | None = Field(None, ge=1)  # steps before a trial can be stopped (None: 2 * report_every)
     reduction_factor: float = Field(3.0, gt=1)  # ASHA: keep the best 1/reduction_factor at each rung
     brackets: int = Field(1, ge=1)  # ASHA brackets
@@ -220,6 +223,12 @@ class Space:
         out["train_reverse.log_every"] = self.spec.report_every
         out.update({f"pipeline.evaluate.{k}": v for k, v in self.evaluate_overrides().items()})
         return out
+
+    @property
+    def scheduler_metric(self) -> str:
+        """What the scheduler judges: scheduler.metric, else val_fd with evaluator features and val_recon with Inception."""
+        chosen = self.spec.scheduler.metric
+        return chosen or ("val_fd" if self.evaluate_overrides()["features"] == "evaluator" else "val_recon")
 
     def evaluate_overrides(self) -> dict[str, Any]:
         ev = dict(self.spec.evaluate)

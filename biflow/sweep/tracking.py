@@ -2,7 +2,7 @@
 
 `TrialRuns` is a Ray Tune callback, so every MLflow write happens in the driver process (one
 sqlite writer, no per-actor setup). Child runs carry the trial's whole flat config as params, the
-reported curves (val_recon, loss, train/*) against the training step, the final scores, and tags:
+reported curves (val_fd, val_recon, loss, train/*) against the training step, the final scores, and tags:
 
     biflow.kind           trial | reference (the exact inverse) | the pipeline's own step runs
     biflow.trial_id       Tune's trial id (a resumed sweep finds the run again by it)
@@ -28,7 +28,8 @@ from biflow.sweep.trial import FINAL
 
 STATUS = "biflow.trial.status"
 KIND = "biflow.kind"
-LOGGED_FINAL = ("val_recon_ema", "class_acc", "nfe", "ms_per_image_in_trial", "steps_trained", "upstream_s", "train_s", "eval_s",
+VALIDATION = ("val_fd", "val_recon", "loss")  # the curves the scheduler can judge
+LOGGED_FINAL = ("class_acc", "nfe", "ms_per_image_in_trial", "steps_trained", "upstream_s", "train_s", "eval_s",
                 "num_eval_samples")
 
 LISTENER = None  # tests: a callable(event, trial) called after each callback event (not pickled with the Tuner)
@@ -133,7 +134,7 @@ class TrialRuns(Callback):
         run = self._run(trial)
         if "step" in result and not result.get(FINAL):
             step = int(result["step"])
-            run.log_metrics({k: v for k, v in result.items() if k in ("val_recon", "loss") or k.startswith("train/")}, step)
+            run.log_metrics({k: v for k, v in result.items() if k in VALIDATION or k.startswith("train/")}, step)
         if result.get(FINAL):
             step = int(result.get("steps_trained", 0))
             metric = result.get("metric_name", self.metric)

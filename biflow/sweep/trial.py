@@ -7,8 +7,9 @@
 3. stage 2 trains with the pipeline's `fit`:
      train_reverse.num_workers == 0   in this process (laptops: one trial per core, actors reused);
      num_workers >= 1                 a Ray Train run per trial (DDP; the trial only drives it);
-   every `report_every` steps it reports `val_recon` (mean |G(F(x~)) - x|^2 on fixed held-out images,
-   the live weights) and the training loss, which the scheduler uses to stop weak trials early;
+   every `report_every` steps it writes a checkpoint and reports, from its EMA weights, `val_fd` (the final
+   metric at a small N) and `val_recon` (|G(F(x~)) - x|^2 on held-out images), plus the training loss:
+   the scheduler stops weak trials early on one of them (`Validator`);
 4. the EMA weights are scored like the pipeline's evaluate step (`score_sampler`): fd_evaluator or FID,
    class accuracy, NFE; the last report carries `final = 1`.
 
@@ -59,33 +60,79 @@ class TrialSetup:
 
 # ------------------------------------------------------------------ validation
 class Validator:
-    """val_recon: mean squared error of G(F(x~) | y, w=0) against the clean x, on fixed held-out images.
+    """What a trial reports while it trains, measured on the EMA weights (what the sampler will use):
 
-    F's codes are computed once; each call is one pass of G (the live weights, eval mode). It measures
-    what the sampler must do (map noise codes to clean data) and costs a few milliseconds.
+    val_fd     Fréchet distance (the sweep's feature network, evaluator features by default) of N samples
+               drawn from fixed noise with balanced labels, against the cached reference statistics: the
+               final metric at a small N, so early stopping ranks trials the way the final score will;
+    val_recon  mean |G(F(x~) | y, w=0) - x|^2 on N fixed held-out test images (F's codes computed once).
+
+    One call costs a pass of G over N codes, one over N noises (+ F's Tweedie step for score denoising)
+    and the feature network on N images: milliseconds for digits, so it runs at every report.
     """
 
-    def __init__(self, flow_path: str | Path, images, labels, device: torch.device, seed: int = 0):
-        """images uint8 (N, H, W, C) and labels (N,): the held-out batch (see `validation_batch`)."""
+    def __init__(self, flow_path: str | Path, images, labels, device: torch.device, guidance: float = 0.0,
+                 features=None, reference_stats=None, seed: int = 0):
+        """images uint8 (N, H, W, C), labels (N,): the held-out batch (`validation_batch`); features and
+        reference_stats: a FeatureNet and the data's FeatureStats for val_fd (None: val_recon only)."""
         from biflow.data import to_model
+        from biflow.metrics.evaluate import balanced_labels
         from biflow.training.reverse import frozen_flow
 
-        flow = frozen_flow(flow_path, device)
+        self.flow = frozen_flow(flow_path, device)
+        self.device, self.guidance = device, guidance
+        self.features, self.reference = features, reference_stats
         x = to_model(images).to(device)  # (N, C, H, W)
-        self.y = torch.as_tensor(labels, dtype=torch.long, device=device) if flow.cfg.num_classes else None
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        conditional = self.flow.cfg.num_classes > 0
+        self.y = torch.as_tensor(labels, dtype=torch.long, device=device) if conditional else None
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x.shape, generator=gen).to(device)
         with torch.no_grad():
-            self.z, _, _ = flow(x + flow.cfg.noise_std * noise, self.y)  # (N, C, H, W)
+            self.codes, _, _ = self.flow(x + self.flow.cfg.noise_std * noise, self.y)  # (N, C, H, W)
         self.x = x
+        self.noise = torch.randn(x.shape, generator=gen).to(device)  # the prior samples of val_fd
+        lab = balanced_labels(len(x), self.flow.cfg.num_classes)
+        self.sample_labels = torch.as_tensor(lab, device=device) if lab is not None else None
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module) -> float:
-        net = getattr(model, "module", model)  # DDP wraps it on Ray Train
-        was_training = net.training
-        net.eval()
-        x_pred, _ = net(self.z, self.y, 0.0)
-        net.train(was_training)
-        return float((x_pred.float() - self.x).pow(2).mean())
+    def __call__(self, checkpoint: str | Path) -> dict[str, float]:
+        from biflow.checkpoint import load_checkpoint, read_checkpoint
+        from biflow.metrics import as_uint8_nhwc
+        from biflow.metrics.frechet import FeatureStats
+        from biflow.sampling.exact import tweedie_denoise
+
+        denoising = read_checkpoint(checkpoint).get("denoising")
+        model = load_checkpoint(checkpoint, ema=True, device=self.device)
+        x_pred, _ = model(self.codes, self.y, 0.0)
+        out = {"val_recon": float((x_pred.float() - self.x).pow(2).mean())}
+        if self.features is not None:
+            samples, _ = model(self.noise, self.sample_labels, self.guidance)
+            if denoising == "score":  # the sampler of such a model adds TARFlow's Tweedie step
+                samples = tweedie_denoise(self.flow, samples, self.sample_labels)
+            stats = FeatureStats.from_features(self.features.features(as_uint8_nhwc(samples)))
+            out["val_fd"] = self.reference.frechet(stats)
+        return out
+
+
+def validator_for(cfg, fwd_path: str | Path, data_dir: str | Path, val_batch, cache_dir: str | Path,
+                  device: torch.device, want_fd: bool = False) -> Validator:
+    """The trial's validator; val_fd loads the (cached) feature network and reference statistics."""
+    ev = cfg.pipeline.evaluate
+    features = reference = None
+    if want_fd or wants_val_fd(cfg):
+        from biflow.data import load_split
+        from biflow.metrics import Reference, get_feature_net, reference_stats
+
+        ref = Reference.from_shardset(load_split(data_dir, "train"), "train")
+        features = get_feature_net(ev.features, inception_weights=ev.inception_weights, reference=ref,
+                                   cache_dir=cache_dir, device=str(device))
+        reference = reference_stats(ref, features, cache_dir)
+    return Validator(fwd_path, *val_batch, device, ev.guidance, features, reference)
+
+
+def wants_val_fd(cfg) -> bool:
+    """val_fd is computed unless the features are Inception on a CPU (~0.5 s per image: too slow for every report)."""
+    return cfg.pipeline.evaluate.features == "evaluator" or torch.cuda.is_available()
 
 
 def validation_batch(data_dir: str | Path, num: int):
@@ -133,19 +180,18 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     t_train = time.perf_counter()
     device = resolve_device(cfg.train_reverse.device)
     val_batch = validation_batch(job.data_dir, setup.space.spec.val_images)
-    validator = Validator(fwd_path, *val_batch, device)
+    want_fd = setup.space.scheduler_metric == "val_fd"
+    validator = validator_for(cfg, fwd_path, job.data_dir, val_batch, setup.metrics_cache, device, want_fd)
     if cfg.train_reverse.num_workers == 0:
         ckpt, steps, loss = _train_here(job, validator, device)
     else:
         ckpt, steps, loss = _train_on_ray_train(job, cfg, setup, trial_id, val_batch)
     t_eval = time.perf_counter()
-    from biflow.checkpoint import load_checkpoint
-
-    val_ema = validator(load_checkpoint(ckpt, ema=True, device=device))
+    val = validator(ckpt)
     scores = final_scores(ckpt, cfg, job.data_dir, storage, setup.threads, work)
-    # val_recon / loss repeat the scheduler's metric (Tune requires it in every report); `step` is absent, so
-    # the scheduler does not treat this report as another rung.
-    ray.tune.report({FINAL: 1, **scores, "val_recon": val_ema, "val_recon_ema": val_ema, "loss": loss,
+    # The validation metrics and the loss repeat the scheduler's metric (Tune requires it in every report);
+    # `step` is absent, so the scheduler does not treat this report as another rung.
+    ray.tune.report({FINAL: 1, **scores, **val, "loss": loss,
                      "steps_trained": steps, "upstream_s": t_train - t0, "train_s": t_eval - t_train,
                      "eval_s": time.perf_counter() - t_eval, "forward_key": records["train_forward"]["key"],
                      "checkpoint": str(ckpt)})
@@ -159,16 +205,17 @@ def _train_here(job, validator: Validator, device: torch.device) -> tuple[Path, 
     from biflow.pipeline.raytrain import build_stage
     from biflow.training.loop import fit
 
-    tcfg = job.train_cfg
+    # One checkpoint per report: the validator reads the EMA weights from it, and a restarted trial resumes there.
+    tcfg = job.train_cfg.model_copy(update={"ckpt_every": job.train_cfg.log_every})
     model, step_fn, meta, desc = build_stage(job, device)
     train = load_split(job.data_dir, "train")
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
-        ray.tune.report({**_train_metrics(step, metrics), "val_recon": validator(model)})
+    def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
+        ray.tune.report({**_train_metrics(step, metrics), **validator(path)})
 
     ckpt = Path(job.work_dir) / job.ckpt_name
     trainer = fit(model, step_fn, lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start), tcfg, ckpt,
-                  meta=meta, on_log=on_log, desc=desc, progress=False)
+                  meta=meta, desc=desc, progress=False, on_checkpoint=on_checkpoint)
     return ckpt, trainer.step, float(trainer.metrics.get("loss", float("nan")))
 
 
@@ -176,8 +223,9 @@ def _train_here(job, validator: Validator, device: torch.device) -> tuple[Path, 
 def _train_worker(config: dict[str, Any]) -> None:
     """Every Ray Train worker of a data-parallel trial: the pipeline's worker recipe, plus validation reports.
 
-    Each checkpoint interval (= report_every) every rank reports (a barrier); rank 0 adds val_recon
-    and attaches the checkpoint. TuneReportCallback forwards rank 0's report to the trial.
+    Each checkpoint interval (= report_every) every rank reports (a barrier); rank 0 adds the validation
+    metrics of the checkpoint's EMA weights and attaches the checkpoint. TuneReportCallback forwards rank
+    0's report to the trial.
     """
     import ray.train
     import ray.train.torch
@@ -211,15 +259,17 @@ def _train_worker(config: dict[str, Any]) -> None:
     model = model.to(device)
     unused = job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
     ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-    validator = Validator(_local_file(job.forward_ckpt, job.forward_ckpt_uri), *config["val_batch"], device) \
-        if rank == 0 else None
+    validator = None
+    if rank == 0:  # the feature net and reference statistics come from the metrics cache (or are rebuilt here)
+        validator = validator_for(config["cfg"], _local_file(job.forward_ckpt, job.forward_ckpt_uri), job.data_dir,
+                                  config["val_batch"], config["cache_dir"], device, config["want_fd"])
     batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world,
                             tuple(job.data_meta["image_shape"]), tcfg.seed * 1000 + rank)
 
     def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
         report = _train_metrics(step, metrics)
         if rank == 0:
-            report["val_recon"] = validator(model)
+            report.update(validator(path))
             with tempfile.TemporaryDirectory() as d:
                 link_or_copy(path, Path(d) / job.ckpt_name)
                 checkpoint = Checkpoint.from_directory(d)
@@ -252,7 +302,8 @@ def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str, val_batch) -
         ds = ds.materialize()
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"job": job, "val_batch": val_batch},
+        train_loop_config={"job": job, "val_batch": val_batch, "cfg": cfg, "cache_dir": setup.metrics_cache,
+                           "want_fd": setup.space.scheduler_metric == "val_fd"},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=dict(scaling.resources_per_worker) or None),
         run_config=RunConfig(name=f"{setup.run_name}-{trial_id}", storage_path=setup.ray_storage,
