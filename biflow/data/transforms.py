@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,21 +44,34 @@ def batches(
     `seed`; the last incomplete batch is dropped when N >= batch_size, otherwise every batch is
     the whole (shuffled) dataset of N < batch_size rows.
     """
-    n = len(shardset)
+    images = np.ascontiguousarray(shardset.images)  # uint8 (N, H, W, C), converted per batch
+    return shuffled_batches(images, shardset.labels, batch_size, seed, device, to_model)
+
+
+def shuffled_batches(
+    data: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
+    transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.float(),
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (transform(data[idx]), labels[idx]) over seeded per-epoch permutations (the `batches` contract).
+
+    Arrays move to `device` once in their storage dtype; the last incomplete batch is dropped when
+    N >= batch_size, otherwise every batch is the whole shuffled dataset.
+    """
+    n = len(data)
     if n == 0:
         raise ValueError("batches: empty dataset")
     if batch_size < 1:
         raise ValueError(f"batches: batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    images = torch.from_numpy(np.ascontiguousarray(shardset.images)).to(device)  # uint8 (N, H, W, C)
-    labels = torch.from_numpy(np.ascontiguousarray(shardset.labels, dtype=np.int64)).to(device)  # (N,)
+    x_all = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+    y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(device)  # (N,)
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, n)
     while True:
         perm = torch.randperm(n, generator=gen).to(device)
         for lo in range(0, n - bs + 1, bs):
             idx = perm[lo : lo + bs]
-            yield to_model(images[idx]), labels[idx]
+            yield transform(x_all[idx]), y_all[idx]
 
 
 def grid_image(images: np.ndarray, nrow: int = 8, min_cell: int = 32, pad: int = 2) -> Image.Image:

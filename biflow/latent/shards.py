@@ -46,6 +46,7 @@ import torch
 from biflow.atomic import atomic_path, atomic_write_bytes
 from biflow.config import LatentConfig
 from biflow.data.shards import MANIFEST, PART_GLOB, ShardError, _binary_chunks, _content_hash, _dumps, _read_table
+from biflow.data.transforms import shuffled_batches
 from biflow.latent.vae import LatentCodec, _as_config
 
 log = logging.getLogger(__name__)
@@ -240,21 +241,7 @@ def latent_batches(latents: LatentSet, batch_size: int, seed: int = 0,
     10.5 GB, so it fits on one GPU and no loader has to keep up); each epoch is a fresh permutation drawn
     from `seed`, the last incomplete batch is dropped (a split smaller than the batch is one batch).
     """
-    n = len(latents)
-    if n == 0:
-        raise ValueError("latent_batches: empty split")
-    if batch_size < 1:
-        raise ValueError(f"latent_batches: batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    x_all = torch.from_numpy(np.ascontiguousarray(latents.latents)).to(device)  # (N, C, h, w), storage dtype
-    y_all = torch.from_numpy(np.ascontiguousarray(latents.labels, dtype=np.int64)).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    bs = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=gen).to(device)
-        for lo in range(0, n - bs + 1, bs):
-            idx = perm[lo : lo + bs]
-            yield x_all[idx].float(), y_all[idx]
+    return shuffled_batches(latents.latents, latents.labels, batch_size, seed, device)
 
 
 def latents_from_rows(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
