@@ -64,12 +64,12 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def table(out: str) -> dict[str, str]:
+def table(out: str, steps: list[str] = STEPS) -> dict[str, str]:
     """The progress table of `biflow run`: step -> status."""
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] in STEPS and line.startswith("  "):
+        if len(parts) >= 2 and parts[0] in steps and line.startswith("  "):
             rows[parts[0]] = parts[1]
     return rows
 
@@ -110,13 +110,16 @@ def test_paper_scale_pipelines_require_the_data_path(name, capsys):
     assert code == 2 and "data.source is required" in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_latent_pipeline_plans_but_refuses_to_run_until_the_vae_step_exists(tmp_path, capsys):
+def test_the_latent_pipeline_plans_a_latent_step_between_prepare_and_stage_1(tmp_path, capsys):
     path = str(ROOT / "pipelines" / "imagenet256_latent.yaml")
     overrides = ["--set", "data.source=/datasets/imagenet/train", "--set", f"pipeline.storage={tmp_path}"]
     code, out, _ = run_cli(capsys, "status", path, *overrides)
-    assert code == 0 and "5 step(s) would run" in out and "latent VAE step" in out
-    msg = one_line_error(capsys, "run", path, *overrides)
-    assert "pipeline.latent" in msg and "not wired" in msg
+    assert code == 0 and "6 step(s) would run: prepare, latent, train_forward, train_reverse, evaluate, report" in out
+
+
+def test_forcing_a_step_the_pipeline_lacks_is_a_one_line_error(tmp_path, capsys):
+    msg = one_line_error(capsys, "run", str(DIGITS), *sets(tmp_path), "--force", "latent")
+    assert "--force latent: not a step of this pipeline" in msg and "prepare, train_forward" in msg
 
 
 def test_keys_change_only_downstream_of_a_changed_setting(tmp_path):
@@ -252,9 +255,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from biflow.pipeline.spec import load_pipeline
     cfg = load_pipeline(sys.argv[1], sys.argv[2:])
     p = plan(cfg, storage_for(cfg))[0]
-    execute_step({"name": p.name, "key": p.key, "config": cfg.model_dump(), "storage": storage_for(cfg).root,
-                  "local_dir": None, "parent": None, "force": False, "inputs": p.inputs, "step_config": p.config,
-                  "code": p.code})
+    execute_step(p.payload(cfg, storage_for(cfg), None))
 """)
 
 

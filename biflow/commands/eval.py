@@ -85,15 +85,18 @@ def load_data(ckpt: dict[str, Any], data_cache: Path | None):
 
 
 def build_sampler(path: Path, ckpt: dict[str, Any], sampler: str, guidance: float, denoise: bool, seed: int, device):
-    """-> (sample_fn(n, labels), num_classes, nfe, details) for the requested sampler."""
+    """-> (sample_fn(n, labels), num_classes, nfe, details) for the requested sampler.
+
+    sample_fn returns model-space samples; details["decode"] turns latent-space ones into images (None in pixel space)."""
     import torch
 
     from biflow.checkpoint import load_checkpoint
     from biflow.errors import UserError
     from biflow.metrics.speed import sampler_nfe
-    from biflow.sampling.draw import forward_checkpoint_of
+    from biflow.sampling.draw import forward_checkpoint_of, image_decoder
 
     gen = torch.Generator(device).manual_seed(seed)
+    decode = image_decoder(ckpt, device)
     if sampler == "exact":
         from biflow.sampling import sample_exact
 
@@ -105,7 +108,7 @@ def build_sampler(path: Path, ckpt: dict[str, Any], sampler: str, guidance: floa
         def fn(n, y):
             return sample_exact(flow, n, None if y is None else y.to(device), guidance, denoise, generator=gen)
 
-        return fn, flow.cfg.num_classes, nfe, {"denoise": score}
+        return fn, flow.cfg.num_classes, nfe, {"denoise": score, "decode": decode}
     if ckpt["kind"] != "reverse":
         raise UserError(f"{path}: the 1nfe sampler needs a reverse-model checkpoint (this one is {ckpt['kind']}); use --sampler exact")
     from biflow.sampling import sample_1nfe
@@ -117,7 +120,7 @@ def build_sampler(path: Path, ckpt: dict[str, Any], sampler: str, guidance: floa
     def fn(n, y):
         return sample_1nfe(reverse, n, None if y is None else y.to(device), guidance, generator=gen, denoise_flow=flow)
 
-    return fn, reverse.cfg.num_classes, sampler_nfe("1nfe", denoise=score), {"denoise": score}
+    return fn, reverse.cfg.num_classes, sampler_nfe("1nfe", denoise=score), {"denoise": score, "decode": decode}
 
 
 def _fmt(v: Any) -> str:
@@ -166,13 +169,14 @@ def run(args) -> int:
     _log(f"{sampler}: drawing {args.num} samples (NFE {nfe}) on {device}")
     res = evaluate_sampler(sample_fn, args.num, reference, net, cache_dir, num_classes=num_classes, batch=args.batch,
                            time_batch=args.time_batch, repeats=args.repeats, warmup=1, device=device, classifier=classifier,
-                           max_reference=args.max_reference, log=_log)
+                           max_reference=args.max_reference, log=_log, decode=details["decode"])
     metric = net.metric_name
     result = {
         "checkpoint": str(args.checkpoint), "kind": ckpt["kind"], "sampler": sampler, "nfe": nfe,
         "guidance": args.guidance, "denoise": details["denoise"], "features": args.features,
         metric: res[metric], "is": res["is"], "is_std": res["is_std"], "class_acc": res["class_acc"],
         "evaluator_test_acc": evaluator_acc, "ms_per_image": res["ms_per_image"], "images_per_s": res["images_per_s"],
+        "decode_ms_per_image": res["decode_ms_per_image"],
         "num_samples": res["num_samples"], "num_reference": res["num_reference"], "timing": res["timing"],
         "sample_seconds": res["sample_seconds"], "eval_seconds": time.perf_counter() - t_start,
         "feature_id": res["feature_id"], "data_hash": reference.content_hash, "seed": args.seed,
@@ -180,7 +184,8 @@ def run(args) -> int:
     }
     rows = [("sampler", f"{sampler} (NFE {nfe})"), (metric, result[metric]), ("is", result["is"]),
             ("class_acc", result["class_acc"]), ("evaluator_test_acc", evaluator_acc),
-            ("ms_per_image", result["ms_per_image"]), ("images_per_s", result["images_per_s"]),
+            ("ms_per_image", result["ms_per_image"]), ("decode_ms_per_image", result["decode_ms_per_image"]),
+            ("images_per_s", result["images_per_s"]),
             ("num_samples", result["num_samples"]), ("num_reference", result["num_reference"]),
             ("device", f"{res['timing']['device']}, {res['timing']['threads']} threads")]
     width = max(len(k) for k, _ in rows)

@@ -28,9 +28,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from biflow.sampling.applications import inpaint
 
-    flow, reverse, x, y = load_pair_and_inputs(args)
-    mask = region_mask(args.keep, flow.cfg.image_size)
+    flow, reverse, x, y, images, to_images = load_pair_and_inputs(args)
+    mask = region_mask(args.keep, flow.cfg.image_size)  # in model space: pixels, or latent positions
     with torch.no_grad():
         filled = inpaint(flow, reverse, x, mask, y, w=args.guidance, generator=torch.Generator().manual_seed(args.seed))
-    write_outputs(args.out, [x, x * mask - (1 - mask), filled], y)  # rows: original | known region | inpainted
+    shown = region_mask(args.keep, images.shape[-1])
+    write_outputs(args.out, [images, images * shown - (1 - shown), to_images(filled)], y)  # original | known | inpainted
     return 0

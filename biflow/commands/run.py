@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "run a pipeline (prepare -> train_forward -> train_reverse -> evaluate -> report); cached steps are skipped"
+HELP = ("run a pipeline (prepare [-> latent] -> train_forward -> train_reverse -> evaluate -> report); "
+        "cached steps are skipped")
 
 
 def add_arguments(p) -> None:
@@ -18,11 +19,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from biflow.pipeline.runner import check_force, run_pipeline
+    from biflow.pipeline.runner import run_pipeline
     from biflow.pipeline.spec import load_pipeline
 
     cfg = load_pipeline(args.pipeline, args.overrides)
-    check_force(args.force)
     result = run_pipeline(cfg, args.force, args.address, label=args.pipeline.stem)
     total = sum(o.wall_s for o in result.outcomes if o.status == "ran")
     print(f"done: {len(result.ran)} step(s) ran ({total:.1f} s), "

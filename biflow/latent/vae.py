@@ -135,6 +135,8 @@ class LatentCodec(nn.Module):
 
     def _images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1] -> the VAE's input (N, 3, H, W) on its device and dtype."""
+        if isinstance(images, np.ndarray) and not images.flags.writeable:  # e.g. a view of Arrow buffers
+            images = images.copy()
         t = torch.as_tensor(images)
         if t.dtype == torch.uint8:
             from biflow.data import to_model

@@ -113,13 +113,17 @@ def evaluate_sampler(sample_fn: Callable[[int, torch.Tensor | None], Any], num: 
                      feature_net: FeatureNet, cache_dir: str | Path | None = None, *, num_classes: int = 0,
                      batch: int = 256, time_batch: int | None = None, repeats: int = 3, warmup: int = 1,
                      device: str | torch.device | None = None, classifier: Any = None, max_reference: int | None = None,
-                     feature_batch: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     feature_batch: int | None = None, log: Callable[[str], None] | None = None,
+                     decode: Callable[[torch.Tensor], torch.Tensor] | None = None, keep: int = 0) -> dict[str, Any]:
     """Draw `num` samples with `sample_fn(n, labels)` in batches, time it, and score them.
 
     Class-conditional (num_classes > 0): labels are balanced over classes, passed as a CPU int64
     tensor, and used for class accuracy. Timing runs `repeats` extra batches of `time_batch`
     (default: `batch`, at most `num`) after `warmup` ones; the result adds ms_per_image,
     images_per_s, the full timing record, and sample_seconds (wall time of drawing all samples).
+    decode: latent-space samplers, latents -> images (the VAE decoder); scored on the decoded images,
+    its cost timed apart (decode_ms_per_image; ms_per_image is the generator alone, as the paper reports).
+    keep: the first `keep` images (uint8 NHWC) are returned under "images" (sample grids).
     """
     if num < 2:
         raise MetricError(f"need at least 2 samples, got {num}")
@@ -128,7 +132,8 @@ def evaluate_sampler(sample_fn: Callable[[int, torch.Tensor | None], Any], num: 
     for start in range(0, num, batch):
         n = min(batch, num - start)
         y = None if labels is None else torch.from_numpy(labels[start : start + n])
-        chunk = as_uint8_nhwc(sample_fn(n, y))
+        samples = sample_fn(n, y)
+        chunk = as_uint8_nhwc(decode(samples) if decode is not None else samples)
         if len(chunk) != n:
             raise MetricError(f"sampler returned {len(chunk)} images, asked for {n}")
         chunks.append(chunk)
@@ -140,11 +145,22 @@ def evaluate_sampler(sample_fn: Callable[[int, torch.Tensor | None], Any], num: 
         y = balanced_labels(b, num_classes)
         return sample_fn(b, None if y is None else torch.from_numpy(y))
 
-    timing = time_sampler(draw, time_batch or min(batch, num), repeats=repeats, warmup=warmup, device=device)
+    tb = time_batch or min(batch, num)
+    timing = time_sampler(draw, tb, repeats=repeats, warmup=warmup, device=device)
+    decode_timing = None
+    if decode is not None:
+        latents = draw(tb)
+        decode_timing = time_sampler(lambda b: decode(latents[:b]), tb, repeats=repeats, warmup=warmup, device=device)
     if log is not None:
-        log(f"timing: {timing['ms_per_image']:.3f} ms/image at batch {timing['batch']}; scoring with {feature_net.name}")
-    out = evaluate_samples(np.concatenate(chunks), labels, reference, feature_net, cache_dir, classifier=classifier,
+        log(f"timing: {timing['ms_per_image']:.3f} ms/image at batch {timing['batch']}"
+            + (f" (+{decode_timing['ms_per_image']:.3f} ms/image VAE decoding)" if decode_timing else "")
+            + f"; scoring with {feature_net.name}")
+    images = np.concatenate(chunks)
+    out = evaluate_samples(images, labels, reference, feature_net, cache_dir, classifier=classifier,
                            batch_size=feature_batch, max_reference=max_reference)
     out.update(ms_per_image=timing["ms_per_image"], images_per_s=timing["images_per_s"], timing=timing,
-               sample_seconds=sample_seconds)
+               sample_seconds=sample_seconds,
+               decode_ms_per_image=decode_timing["ms_per_image"] if decode_timing else None, decode_timing=decode_timing)
+    if keep:
+        out["images"] = images[:keep]
     return out

@@ -46,6 +46,7 @@ class StageJob:
     forward_ckpt: str | None = None  # reverse: the trained forward flow, local to the step
     forward_ckpt_uri: str | None = None  # ... and in storage, for workers on other machines
     run: RunRef | None = None  # the step's MLflow child run (rank 0 logs curves into it)
+    latent: dict[str, Any] | None = None  # data_dir holds VAE latents: {codec: LatentConfig dump, image_dir, image_hash}
 
     @property
     def ckpt_name(self) -> str:
@@ -71,12 +72,15 @@ def build_stage(job: StageJob, device: torch.device):
     """-> (model, step_fn, meta, desc) for one stage; geometry comes from the data (forward) or the flow (reverse)."""
     cfg = ExperimentConfig.model_validate(job.config)
     meta = {"data": cfg.data.model_dump(), "data_dir": job.data_dir, "data_hash": job.data_hash}
+    if job.latent is not None:  # samples are decoded with this VAE; evaluation compares them with these images
+        meta.update(latent=job.latent["codec"], latent_dir=job.data_dir, latent_hash=job.data_hash,
+                    data_dir=job.latent["image_dir"], data_hash=job.latent["image_hash"])
     if job.kind == "forward":
         from biflow.models.forward_flow import ForwardFlow
         from biflow.training.forward import forward_step, with_geometry
 
         fcfg = with_geometry(cfg.forward, job.data_meta)
-        return ForwardFlow(fcfg), forward_step(fcfg), meta, "stage 1: forward flow"
+        return ForwardFlow(fcfg), forward_step(fcfg, pixels=job.latent is None), meta, "stage 1: forward flow"
     from biflow.models.reverse import ReverseModel
     from biflow.objectives.perceptual import build_perceptual
     from biflow.objectives.reverse import reverse_step
@@ -85,9 +89,14 @@ def build_stage(job: StageJob, device: torch.device):
     flow = frozen_flow(_local_file(job.forward_ckpt, job.forward_ckpt_uri), device)
     loss_cfg = cfg.reverse_loss
     pnet = build_perceptual(loss_cfg).to(device) if loss_cfg.perceptual > 0 else None
+    decoder = None
+    if pnet is not None and job.latent is not None:  # perceptual distances on decoded images, through the frozen VAE
+        from biflow.latent import LatentCodec
+
+        decoder = LatentCodec.load(job.latent["codec"], device).decode
 
     def step(model, x, y):
-        return reverse_step(flow, model, x, y, loss_cfg, pnet)
+        return reverse_step(flow, model, x, y, loss_cfg, pnet, decoder=decoder)
 
     meta.update(forward_checkpoint=str(Path(job.forward_ckpt).resolve()), denoising=loss_cfg.denoising,
                 reverse_loss=loss_cfg.model_dump())
@@ -120,8 +129,33 @@ def _log_fn(run: StepRun | None, label: str) -> Callable[[int, dict[str, float]]
 
 
 # ------------------------------------------------------------------ in-process
-def train_in_process(job: StageJob, threads: int | None = None) -> tuple[Path, dict[str, Any]]:
+def split_batches(job: StageJob, split: str) -> Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """One split of the job's data in memory -> batches(batch_size, seed): endless shuffled (x, y) in model space."""
+    if job.latent is not None:
+        from biflow.latent import latent_batches, load_latent_split
+
+        latents = load_latent_split(job.data_dir, split)
+        return lambda batch_size, seed: latent_batches(latents, batch_size, seed)
     from biflow.data import batches, load_split
+
+    images = load_split(job.data_dir, split)
+    return lambda batch_size, seed: batches(images, batch_size, seed)
+
+
+def load_training_split(job: StageJob, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in model space, in file order: (x float32 (N, C, H, W): pixels in [-1, 1] or latents, y (N,))."""
+    if job.latent is not None:
+        from biflow.latent import load_latent_split
+
+        latents = load_latent_split(job.data_dir, split)
+        return torch.from_numpy(latents.latents.astype(np.float32)), torch.as_tensor(latents.labels)
+    from biflow.data import load_split, to_model
+
+    images = load_split(job.data_dir, split)
+    return to_model(images.images), torch.as_tensor(images.labels)
+
+
+def train_in_process(job: StageJob, threads: int | None = None) -> tuple[Path, dict[str, Any]]:
     from biflow.training.loop import fit, resolve_device
 
     tcfg = job.train_cfg
@@ -129,11 +163,11 @@ def train_in_process(job: StageJob, threads: int | None = None) -> tuple[Path, d
         torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(tcfg.device)
     model, step_fn, meta, desc = build_stage(job, device)
-    train = load_split(job.data_dir, "train")
+    train = split_batches(job, "train")
     ckpt = Path(job.work_dir) / job.ckpt_name
     resumed_from = _checkpoint_step(ckpt)
     run = StepRun(job.run) if job.run else None
-    trainer = fit(model, step_fn, lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start), tcfg, ckpt,
+    trainer = fit(model, step_fn, lambda start: train(tcfg.batch_size, tcfg.seed + start), tcfg, ckpt,
                   meta=meta, on_log=_log_fn(run, job.kind), desc=desc, progress=False)
     return ckpt, {"steps": trainer.step, "resumed_from_step": resumed_from, "workers": 0, "final": dict(trainer.metrics)}
 
@@ -147,11 +181,25 @@ def _checkpoint_step(path: Path) -> int:
 
 
 # ------------------------------------------------------------------- Ray Train
-def shard_batches(shard, batch_size: int, image_shape: tuple[int, int, int], seed: int) -> Callable[[int], Iterator]:
-    """start step -> endless (x float32 (B, C, H, W) in [-1, 1], y int64 (B,)) from a Ray Data shard."""
+def rows_to_model(job: StageJob) -> Callable[[dict[str, np.ndarray]], tuple[torch.Tensor, torch.Tensor]]:
+    """A Ray Data numpy batch of the job's shard rows -> (x float32 (B, C, H, W) in model space, y int64 (B,))."""
+    if job.latent is not None:
+        from biflow.latent import latents_from_rows
+
+        return lambda b: latents_from_rows(b, job.data_meta)
     from biflow.data import to_model
 
-    h, w, c = image_shape
+    h, w, c = job.data_meta["image_shape"]
+
+    def images(b: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.frombuffer(bytearray(b"".join(b["image"])), np.uint8).reshape(-1, h, w, c)  # (B, H, W, C)
+        return to_model(x), torch.as_tensor(b["label"], dtype=torch.long)
+
+    return images
+
+
+def shard_batches(shard, batch_size: int, decode: Callable, seed: int) -> Callable[[int], Iterator]:
+    """start step -> endless decode(rows) = (x float32 (B, C, H, W), y int64 (B,)) from a Ray Data shard."""
 
     def gen(start: int):
         epoch = 0
@@ -160,9 +208,8 @@ def shard_batches(shard, batch_size: int, image_shape: tuple[int, int, int], see
             for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                         local_shuffle_buffer_size=max(4 * batch_size, 1024),
                                         local_shuffle_seed=seed + start + epoch):
-                images = np.frombuffer(bytearray(b"".join(b["image"])), np.uint8).reshape(-1, h, w, c)  # (B, H, W, C)
                 got += 1
-                yield to_model(images), torch.as_tensor(b["label"], dtype=torch.long)
+                yield decode(b)
             if not got:
                 raise UserError(f"a data shard holds fewer rows than one per-worker batch ({batch_size}); "
                                 "lower the batch size or the number of workers")
@@ -183,6 +230,26 @@ def _quiet_ray_train() -> None:
             pass
 
 
+class Reports:
+    """What each checkpoint report of a Ray Train run carries: the step, where it resumed, the training metrics.
+
+    Picklable; every worker gets a copy. A caller that needs more (a sweep trial's validation metrics, which
+    Ray Tune schedules on) subclasses it: `start` runs once per worker before training, `extra` on rank 0 at
+    each checkpoint.
+    """
+
+    checkpoint_every_log = False  # True: one checkpoint (and report) per log interval instead of per ckpt_every
+
+    def start(self, job: StageJob, device: torch.device, rank: int) -> None:
+        pass
+
+    def metrics(self, step: int, metrics: dict[str, float], resumed_from: int) -> dict[str, float]:
+        return {"step": step, "resumed_from_step": resumed_from, **metrics}
+
+    def extra(self, checkpoint: Path) -> dict[str, float]:
+        return {}
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: restore, wrap in DDP, fit on this rank's data shard, report checkpoints."""
     import ray.train
@@ -192,6 +259,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from biflow.training.loop import fit
 
     job: StageJob = config["job"]
+    reports: Reports = config.get("reports") or Reports()
     _quiet_ray_train()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -211,6 +279,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         raise UserError(f"batch_size {tcfg.batch_size} is not divisible by num_workers {world}")
     # Rank r draws its own noise and label dropout (seed + r); rank 0 keeps the configured seed.
     tcfg = tcfg.model_copy(update={"device": str(device), "seed": tcfg.seed + rank})
+    if reports.checkpoint_every_log:
+        tcfg = tcfg.model_copy(update={"ckpt_every": tcfg.log_every})
     model, step_fn, meta, desc = build_stage(job, device)
     model = model.to(device)
     unused = job.kind == "reverse" and job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
@@ -218,15 +288,19 @@ def _worker_loop(config: dict[str, Any]) -> None:
     run = StepRun(job.run) if job.run is not None and rank == 0 else None
     if run is not None and resumed_from:
         run.log_metrics({"resumed_from_step": resumed_from}, resumed_from, prefix="train/")
-    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world, tuple(job.data_meta["image_shape"]),
+    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world, rows_to_model(job),
                             tcfg.seed * 1000 + rank)
+    reports.start(job, device, rank)
 
     def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
-        report = {"step": step, "resumed_from_step": resumed_from, **metrics}
-        if rank == 0:  # every rank reports (a barrier); rank 0 attaches the file
+        report = reports.metrics(step, metrics, resumed_from)
+        if rank == 0:  # every rank reports (a barrier); rank 0 adds its extras and attaches the file
+            report.update(reports.extra(path))
             with tempfile.TemporaryDirectory() as d:
                 link_or_copy(path, Path(d) / job.ckpt_name)
-                ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+                checkpoint = Checkpoint.from_directory(d)
+                checkpoint.set_metadata({"step": step})
+                ray.train.report(report, checkpoint=checkpoint)
         else:
             ray.train.report(report)
 
@@ -246,24 +320,28 @@ def _materialize_needed(num_workers: int, scaling: ScalingSection) -> bool:
 
 
 def train_on_ray(job: StageJob, num_workers: int, scaling: ScalingSection, storage_path: str, name: str,
-                 dest: Path) -> dict[str, Any]:
-    """Fit a TorchTrainer (resuming run `name` under `storage_path`); the final checkpoint is copied to `dest`."""
+                 dest: Path, reports: Reports | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+    """Fit a TorchTrainer (resuming run `name` under `storage_path`); the final checkpoint is copied to `dest`.
+
+    reports: what each checkpoint report carries (default: `Reports()`); callbacks: Ray Train run callbacks
+    (a sweep trial passes Tune's TuneReportCallback)."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(job.train_uri).select_columns(["image", "label"])
+    ds = ray.data.read_parquet(job.train_uri).select_columns(["latent" if job.latent else "image", "label"])
     if _materialize_needed(num_workers, scaling):
         ds = ds.materialize()
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "reports": reports},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=dict(scaling.resources_per_worker) or None),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=scaling.num_to_keep),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures)),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             callbacks=list(callbacks) or None),
         datasets={"train": ds},
     )
     result = trainer.fit()

@@ -23,7 +23,7 @@ from biflow.errors import UserError
 from biflow.pipeline.cache import Storage, code_version, step_key
 from biflow.pipeline.spec import (PipelineConfig, resolve_artifact_location, resolve_storage,
                                   resolve_tracking_uri)
-from biflow.pipeline.steps import ORDER, STEPS, StepContext, downstream
+from biflow.pipeline.steps import ORDER, STEPS, StepContext, active_steps, downstream
 from biflow.pipeline.tracking import RunRef, StepRun, Tracker, start_child
 
 
@@ -48,6 +48,12 @@ class Planned:
     def will_run(self) -> bool:
         return self.action != "cached"
 
+    def payload(self, cfg: PipelineConfig, storage: Storage, parent: RunRef | None) -> dict[str, Any]:
+        """What `execute_step` needs to run this step (picklable; its inputs' records come as further arguments)."""
+        return {"name": self.name, "key": self.key, "config": cfg.model_dump(), "storage": storage.root,
+                "local_dir": cfg.pipeline.local_dir, "parent": parent, "force": self.action == "force",
+                "inputs": self.inputs, "step_config": self.config, "code": self.code}
+
 
 @dataclass
 class Outcome:
@@ -71,22 +77,24 @@ class PipelineResult:
 
 
 # --------------------------------------------------------------------------- plan
-def check_force(force: list[str]) -> set[str]:
-    unknown = [f for f in force if f not in STEPS]
+def check_force(force: list[str], cfg: PipelineConfig) -> set[str]:
+    steps = active_steps(cfg)
+    unknown = [f for f in force if f not in steps]
     if unknown:
-        raise ConfigError(f"--force {unknown[0]}: unknown step; steps are {', '.join(ORDER)}")
+        why = "not a step of this pipeline" if unknown[0] in STEPS else "unknown step"
+        raise ConfigError(f"--force {unknown[0]}: {why}; steps are {', '.join(steps)}")
     return set(force)
 
 
 def plan(cfg: PipelineConfig, storage: Storage, force: list[str] = ()) -> list[Planned]:
-    """Every step in dependency order with its key and whether it is cached or would run."""
-    forced = downstream(check_force(list(force)))
+    """Every step of this pipeline in dependency order with its key and whether it is cached or would run."""
+    forced = downstream(check_force(list(force), cfg))
     keys: dict[str, str] = {}
     out = []
-    for name in ORDER:
+    for name in active_steps(cfg):
         step = STEPS[name]
         config, code = step.config(cfg), code_version(step.code)
-        inputs = {i: keys[i] for i in step.inputs}
+        inputs = {i: keys[i] for i in step.inputs if i in keys}  # an input step the pipeline lacks is not an input
         keys[name] = key = step_key(name, config, inputs, code)
         record = None if name in forced else storage.read_record(name, key)
         action = "force" if name in forced else ("cached" if record is not None else "run")
@@ -149,8 +157,9 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
 
 
 # ---------------------------------------------------------------------------- Ray
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to `address`, or start a local Ray (dashboard on 127.0.0.1). Returns whether we started one."""
+def connect_ray(address: str | None, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> bool:
+    """Connect to `address`, or start a local Ray (dashboard on 127.0.0.1) with `resources` besides CPUs and GPUs.
+    Returns whether we started one."""
     import logging
 
     import ray
@@ -168,7 +177,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         except Exception as err:
             raise UserError(f"cannot connect to Ray at {address}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
         return False
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
+    ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
              logging_level=logging.WARNING, configure_logging=True)
     return True
 
@@ -198,11 +207,7 @@ def _row(o: Outcome) -> str:
 def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None = None, label: str = "pipeline",
                  echo=print) -> PipelineResult:
     """Run the pipeline: cached steps are skipped, the rest run as Ray tasks; raises StepFailed on a failure."""
-    if cfg.pipeline.latent is not None:
-        raise UserError("pipeline.latent: the VAE encode/decode step is not wired into the pipeline yet (biflow.latent "
-                        "has the codec and latent shards, docs/PAPER_SCALE.md); this pipeline validates and plans, "
-                        "but cannot run")
-    check_force(list(force))
+    check_force(list(force), cfg)
     storage = storage_for(cfg)
     storage.check_writable()
     tracker = Tracker(resolve_tracking_uri(cfg), cfg.pipeline.experiment, resolve_artifact_location(cfg))
@@ -237,13 +242,9 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
                 result.outcomes.append(o)
                 echo(_row(o))
                 continue
-            payload = {"name": p.name, "key": p.key, "config": cfg.model_dump(), "storage": storage.root,
-                       "local_dir": cfg.pipeline.local_dir, "parent": parent.ref, "force": p.action == "force",
-                       "inputs": p.inputs, "step_config": p.config, "code": p.code}
-            inputs = [refs[i] for i in STEPS[p.name].inputs]
             task = ray.remote(execute_step).options(name=f"biflow:{p.name}", max_retries=TASK_RETRIES,
                                                    **STEPS[p.name].resources(cfg))
-            ref = task.remote(payload, *inputs)
+            ref = task.remote(p.payload(cfg, storage, parent.ref), *[refs[i] for i in p.inputs])
             refs[p.name] = ref
             pending[ref] = p
             t_submit[p.name] = time.perf_counter()

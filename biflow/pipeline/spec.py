@@ -31,6 +31,21 @@ class ScalingSection(Section):
     cpus: float = Field(1.0, gt=0)  # num_workers 0 (in-process): CPUs the step's task reserves = torch threads
 
 
+class LatentSection(LatentConfig):
+    """The `latent` step: encode the prepared images with a frozen VAE (Ray Data batch inference); the flows train
+    on the latents and samples are decoded for evaluation. The VAE fields are LatentConfig's."""
+
+    batch_size: int = Field(64, ge=1)  # images per VAE batch
+    use_gpu: bool = False  # one GPU per encoding actor
+    workers: int = Field(1, ge=1)  # encoding actors (Ray Data actor pool)
+    cpus: float = Field(1.0, gt=0)  # CPUs per actor (= its torch threads)
+    rows_per_shard: int = Field(8192, ge=1)  # latents per Parquet file
+
+    def codec(self) -> LatentConfig:
+        """The VAE settings alone (what a checkpoint records to decode its samples)."""
+        return LatentConfig(**self.model_dump(include=set(LatentConfig.model_fields)))
+
+
 class EvaluateSection(Section):
     """The `evaluate` step: quality and speed of each sampler, one parallel Ray task per sampler."""
 
@@ -60,7 +75,7 @@ class PipelineSection(Section):
     train_reverse: ScalingSection = ScalingSection()  # stage 2 on Ray Train
     evaluate: EvaluateSection = EvaluateSection()  # the evaluate step
     register_model: str | None = "biflow-reverse"  # MLflow model-registry name of the reverse model; None: don't register
-    latent: LatentConfig | None = None  # frozen VAE between images and the flow (biflow.latent): not a pipeline step yet
+    latent: LatentSection | None = None  # frozen VAE between images and the flows: adds the `latent` step; None = pixel space
     note: str | None = None  # free text shown by `biflow status` (paper-scale files say what they need)
 
 

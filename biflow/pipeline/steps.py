@@ -1,6 +1,7 @@
 """The five steps of a BiFlow experiment and what each declares: inputs, config, code, resources.
 
     prepare        dataset -> Parquet shards (train/, test/)
+    latent         (only with pipeline.latent) images -> VAE latent shards, Ray Data batch inference
     train_forward  stage 1: the forward flow F by maximum likelihood (in-process or Ray Train)
     train_reverse  stage 2: the 1-NFE reverse model G against the frozen F; registered in MLflow
     evaluate       FD/FID, IS, class accuracy, ms/image and NFE per sampler (one parallel Ray task each)
@@ -27,8 +28,10 @@ from biflow.pipeline.cache import Storage, link_or_copy
 from biflow.pipeline.spec import PipelineConfig
 from biflow.pipeline.tracking import StepRun
 
-# TrainConfig fields that change how a run is executed, not what it computes (kept out of step keys).
-EXECUTION_ONLY = ("log_every", "ckpt_every", "num_workers")
+# Fields that change how a step is executed, not what it computes (kept out of step keys), per section.
+_TRAIN_EXECUTION = ("log_every", "ckpt_every", "num_workers")
+EXECUTION_ONLY = {"train_forward": _TRAIN_EXECUTION, "train_reverse": _TRAIN_EXECUTION,
+                  "pipeline.latent": ("batch_size", "use_gpu", "workers", "cpus", "local_files_only")}
 
 
 @dataclass
@@ -61,6 +64,10 @@ class StepDef:
     run: Callable[[StepContext], dict[str, Any]]
     resources: Callable[[PipelineConfig], dict[str, Any]]  # Ray task options
     identity: Callable[[PipelineConfig], Any] | None = None  # what else its result depends on (e.g. the source data)
+    enabled: Callable[[PipelineConfig], bool] | None = None  # None: always part of the DAG
+
+    def active(self, cfg: PipelineConfig) -> bool:
+        return self.enabled is None or self.enabled(cfg)
 
     def config(self, cfg: PipelineConfig) -> dict[str, Any]:
         """The resolved settings this step's result depends on (execution-only fields removed)."""
@@ -69,9 +76,9 @@ class StepDef:
             node: Any = cfg
             for part in section.split("."):
                 node = getattr(node, part)
-            data = node.model_dump()
-            if section.startswith("train_"):
-                data = {k: v for k, v in data.items() if k not in EXECUTION_ONLY}
+            data = node.model_dump() if node is not None else None
+            if data is not None and section in EXECUTION_ONLY:
+                data = {k: v for k, v in data.items() if k not in EXECUTION_ONLY[section]}
             out[section] = data
         if self.identity is not None:
             out["identity"] = self.identity(cfg)
@@ -86,6 +93,14 @@ def _data_identity(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.data.name == "shards":
         return {split: read_manifest(Path(cfg.data.source).expanduser() / split)["content_hash"] for split in SPLITS}
     return _recipe(cfg.data)
+
+
+def _vae_identity(cfg: PipelineConfig) -> dict[str, Any]:
+    """The VAE's files (path, size, mtime: a replaced checkpoint re-encodes), or the hub id as given."""
+    from biflow.data.builtin import _tree_fingerprint
+
+    path = Path(cfg.pipeline.latent.vae).expanduser()
+    return {"vae_files": _tree_fingerprint(path) if path.is_dir() else None}
 
 
 def _training_resources(section: str) -> Callable[[PipelineConfig], dict[str, Any]]:
@@ -105,18 +120,24 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def data_dir(ctx: StepContext) -> Path:
-    rec = ctx.inputs["prepare"]["result"]
+def data_dir(ctx: StepContext, step: str = "prepare") -> Path:
+    """The data root (train/, test/) of `prepare` (images) or `latent` (VAE latents), local to this step."""
+    rec = ctx.inputs[step]["result"]
     d = Path(rec["data_dir"])
-    return d if d.is_absolute() else ctx.input_dir("prepare") / d
+    return d if d.is_absolute() else ctx.input_dir(step) / d
 
 
-def train_uri(ctx: StepContext) -> str:
+def train_uri(ctx: StepContext, step: str = "prepare") -> str:
     """The train shards as Ray Data reads them: the local path, or straight from object storage (a URI)."""
-    rec = ctx.inputs["prepare"]["result"]
+    rec = ctx.inputs[step]["result"]
     if ctx.storage.is_local or Path(rec["data_dir"]).is_absolute():
-        return str(data_dir(ctx) / "train")
-    return ctx.input_uri("prepare", rec["data_dir"], "train")
+        return str(data_dir(ctx, step) / "train")
+    return ctx.input_uri(step, rec["data_dir"], "train")
+
+
+def training_data(ctx: StepContext) -> str:
+    """The step whose shards the flows train on: `latent` when the pipeline has a VAE, else `prepare`."""
+    return "latent" if "latent" in ctx.inputs else "prepare"
 
 
 # ----------------------------------------------------------------------- prepare
@@ -141,14 +162,47 @@ def run_prepare(ctx: StepContext) -> dict[str, Any]:
             "metrics": metrics}
 
 
+# ------------------------------------------------------------------------ latent
+def run_latent(ctx: StepContext) -> dict[str, Any]:
+    from biflow.latent import encode_shards, read_latent_manifest
+
+    lc = ctx.cfg.pipeline.latent
+    staged = ctx.work / "latents"  # survives a crashed attempt: splits already encoded are not encoded again
+    where = f"Ray Data, {lc.workers} actor(s)" if ray_running() else "in-process"
+    ctx.log(f"encoding images with the VAE {lc.vae} ({where}{', GPU' if lc.use_gpu else ''})")
+    t0 = time.perf_counter()
+    encode_shards(data_dir(ctx), staged, lc.codec(), lc.batch_size, lc.use_gpu, use_ray=ray_running(), workers=lc.workers,
+                  num_cpus=lc.cpus, rows_per_shard=lc.rows_per_shard)
+    root = staged.rename(ctx.out / "latents")
+    manifests = {split: read_latent_manifest(root / split) for split in ("train", "test")}
+    meta = manifests["train"]["meta"]
+    images = sum(m["count"] for m in manifests.values())
+    stats = meta["stats"]
+    metrics = {"latent/images_per_s": images / max(time.perf_counter() - t0, 1e-9),
+               **{f"latent/channel{c}_mean": v for c, v in enumerate(stats["mean"])},
+               **{f"latent/channel{c}_std": v for c, v in enumerate(stats["std"])}}
+    if ctx.run is not None:
+        ctx.run.log_metrics(metrics)
+    ctx.log(f"{images} images -> latents {tuple(meta['latent_shape'])} ({meta['dtype']}); train latent std per channel "
+            f"{', '.join(f'{v:.3f}' for v in stats['std'])} (scaling factor {meta['codec']['scaling_factor']:g})")
+    keep = ("name", "image_shape", "num_classes", "class_names", "latent_shape", "source_image_shape", "dtype")
+    return {"data_dir": "latents", "meta": {k: meta[k] for k in keep}, "codec": meta["codec"], "metrics": metrics,
+            "splits": {s: {"count": m["count"], "content_hash": m["content_hash"]} for s, m in manifests.items()}}
+
+
 # --------------------------------------------------------------------- training
 def _stage_job(ctx: StepContext, kind: str, **extra):
     from biflow.pipeline.raytrain import StageJob
 
-    prep = ctx.inputs["prepare"]["result"]
-    return StageJob(kind=kind, config=ctx.cfg.model_dump(exclude={"pipeline"}), data_dir=str(data_dir(ctx)),
-                    train_uri=train_uri(ctx), data_meta=prep["meta"], data_hash=prep["splits"]["train"]["content_hash"],
-                    work_dir=str(ctx.work), run=ctx.run.ref if ctx.run is not None else None, **extra)
+    src = training_data(ctx)
+    rec = ctx.inputs[src]["result"]
+    latent = None
+    if src == "latent":  # the checkpoints record the VAE (to decode samples) and the images behind the latents
+        latent = {"codec": ctx.cfg.pipeline.latent.codec().model_dump(), "image_dir": str(data_dir(ctx)),
+                  "image_hash": ctx.inputs["prepare"]["result"]["splits"]["train"]["content_hash"]}
+    return StageJob(kind=kind, config=ctx.cfg.model_dump(exclude={"pipeline"}), data_dir=str(data_dir(ctx, src)),
+                    train_uri=train_uri(ctx, src), data_meta=rec["meta"], data_hash=rec["splits"]["train"]["content_hash"],
+                    work_dir=str(ctx.work), run=ctx.run.ref if ctx.run is not None else None, latent=latent, **extra)
 
 
 def _train(ctx: StepContext, job) -> tuple[Path, dict[str, Any]]:
@@ -166,22 +220,22 @@ def _train(ctx: StepContext, job) -> tuple[Path, dict[str, Any]]:
 
 
 def run_train_forward(ctx: StepContext) -> dict[str, Any]:
-    import torch
-
     from biflow.checkpoint import load_checkpoint
-    from biflow.data import load_split, to_model
+    from biflow.pipeline.raytrain import load_training_split
     from biflow.training.forward import evaluate_bpd
 
-    ckpt, summary = _train(ctx, _stage_job(ctx, "forward"))
+    job = _stage_job(ctx, "forward")
+    ckpt, summary = _train(ctx, job)
     flow = load_checkpoint(ckpt)
-    test = load_split(data_dir(ctx), "test")
-    bpd = evaluate_bpd(flow, to_model(test.images), torch.as_tensor(test.labels) if flow.cfg.num_classes else None)
+    x, y = load_training_split(job, "test")  # bits/dim per model dimension: of pixels, or of VAE latents
+    bpd = evaluate_bpd(flow, x, y if flow.cfg.num_classes else None, pixels=job.latent is None)
     metrics = {"test/bits_per_dim": bpd, "train/steps": summary["steps"], "train/resumed_from_step": summary["resumed_from_step"]}
     if ctx.run is not None:
         ctx.run.log_metrics(metrics, step=summary["steps"])
     ctx.log(f"{summary['steps']} steps, test bits/dim {bpd:.4f}")
     return {"checkpoint": ckpt.name, "training": summary, "metrics": metrics,
-            "params": sum(p.numel() for p in flow.parameters())}
+            "params": sum(p.numel() for p in flow.parameters()),
+            "latent_shape": job.data_meta["latent_shape"] if job.latent is not None else None}
 
 
 def run_train_reverse(ctx: StepContext) -> dict[str, Any]:
@@ -219,8 +273,7 @@ def score_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     from biflow.checkpoint import read_checkpoint
     from biflow.commands.eval import build_sampler
     from biflow.data import load_split
-    from biflow.metrics import Reference, as_uint8_nhwc, get_feature_net, time_sampler
-    from biflow.metrics.evaluate import balanced_labels, evaluate_samples
+    from biflow.metrics import Reference, evaluate_sampler, get_feature_net
     from biflow.metrics.evaluator import load_or_train_evaluator
     from biflow.training.loop import resolve_device
 
@@ -232,35 +285,23 @@ def score_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     sample_fn, num_classes, nfe, details = build_sampler(path, ckpt, spec["sampler"], spec["guidance"], True,
                                                          spec["seed"], device)
     del ckpt
-    train = load_split(spec["data_dir"], "train")
-    reference = Reference.from_shardset(train, "train")
+    reference = Reference.from_shardset(load_split(spec["data_dir"], "train"), "train")
     net = get_feature_net(spec["features"], inception_weights=spec["inception_weights"], reference=reference,
                           cache_dir=spec["cache_dir"], device=str(device))
     classifier = None
     if num_classes:
         classifier = net if spec["features"] == "evaluator" else load_or_train_evaluator(
             reference.images, reference.labels, content_hash=reference.content_hash, cache_dir=spec["cache_dir"], device=device)
-    num, batch = spec["num_samples"], spec["batch_size"]
-    labels = balanced_labels(num, num_classes)
-    chunks = []
-    for start in range(0, num, batch):
-        y = None if labels is None else torch.from_numpy(labels[start : start + batch])
-        chunks.append(as_uint8_nhwc(sample_fn(min(batch, num - start), y)))
-    images = np.concatenate(chunks)  # (N, H, W, C) uint8
-    scores = evaluate_samples(images, labels, reference, net, spec["cache_dir"], classifier=classifier)
-
-    def draw(b: int):
-        y = balanced_labels(b, num_classes)
-        return sample_fn(b, None if y is None else torch.from_numpy(y))
-
-    timing = time_sampler(draw, min(spec["timing_batch"], num), repeats=spec["timing_repeats"], warmup=1, device=device)
-    grid = images[: min(spec["grid"], num)]  # labels 0, 1, ..., K-1, 0, ...: rows of the grid run through the classes
-    metric = net.metric_name
-    return {"sampler": spec["sampler"], "metric_name": metric, metric: scores[metric], "is": scores["is"],
-            "is_std": scores["is_std"], "class_acc": scores["class_acc"], "ms_per_image": timing["ms_per_image"],
-            "images_per_s": timing["images_per_s"], "nfe": nfe, "timing": timing, "denoise": details["denoise"],
-            "num_samples": scores["num_samples"], "num_reference": scores["num_reference"], "grid": grid,
-            "cpu_s": time.process_time() - c0}
+    num = spec["num_samples"]
+    res = evaluate_sampler(sample_fn, num, reference, net, spec["cache_dir"], num_classes=num_classes,
+                           batch=spec["batch_size"], time_batch=min(spec["timing_batch"], num), repeats=spec["timing_repeats"],
+                           warmup=1, device=device, classifier=classifier, decode=details["decode"], keep=spec["grid"])
+    metric = net.metric_name  # the grid's labels are 0, 1, ..., K-1, 0, ...: its rows run through the classes
+    return {"sampler": spec["sampler"], "metric_name": metric, metric: res[metric], "is": res["is"],
+            "is_std": res["is_std"], "class_acc": res["class_acc"], "ms_per_image": res["ms_per_image"],
+            "images_per_s": res["images_per_s"], "decode_ms_per_image": res["decode_ms_per_image"], "nfe": nfe,
+            "timing": res["timing"], "denoise": details["denoise"], "num_samples": res["num_samples"],
+            "num_reference": res["num_reference"], "grid": res["images"], "cpu_s": time.process_time() - c0}
 
 
 def ray_running() -> bool:
@@ -321,7 +362,7 @@ def run_evaluate(ctx: StepContext) -> dict[str, Any]:
         grids[res["sampler"]] = s
         save_grid(s, ctx.out / f"samples_{res['sampler']}.png", nrow=nrow)
         samplers[res["sampler"]] = res
-        for k in (res["metric_name"], "is", "class_acc", "ms_per_image", "images_per_s", "nfe"):
+        for k in (res["metric_name"], "is", "class_acc", "ms_per_image", "decode_ms_per_image", "images_per_s", "nfe"):
             if res.get(k) is not None:
                 metrics[f"{res['sampler']}/{k}"] = res[k]
     both = _side_by_side(grids, nrow)
@@ -390,14 +431,18 @@ def run_report(ctx: StepContext) -> dict[str, Any]:
     write_json(ctx.out / "report.json", report)
     fig = speed_plot(samplers, ctx.out / "fid_vs_speed.png")
     side = ctx.storage.uri("evaluate", keys["evaluate"], ev["side_by_side"])
+    space = ""
+    if fwd.get("latent_shape"):  # bits/dim is then per latent dimension
+        space = f" as {'x'.join(map(str, fwd['latent_shape']))} latents of the VAE {ctx.cfg.pipeline.latent.vae}"
     lines = [f"# BiFlow pipeline report: {ctx.cfg.pipeline.experiment}", "",
-             f"Data: {ctx.cfg.data.name}; forward flow {fwd['params']:,} parameters, {fwd['training']['steps']} steps, "
+             f"Data: {ctx.cfg.data.name}{space}; forward flow {fwd['params']:,} parameters, {fwd['training']['steps']} steps, "
              f"test bits/dim {_fmt(metrics['test/bits_per_dim'])}; reverse model {rev['params']:,} parameters, "
              f"{rev['training']['steps']} steps.", "",
              "| sampler | NFE | " + " | ".join(["quality", "IS", "class acc", "ms/image"]) + " |", "|---|---|---|---|---|---|"]
     for name, r in samplers.items():
+        vae = f" (+{_fmt(r['decode_ms_per_image'])} VAE decoding)" if r.get("decode_ms_per_image") is not None else ""
         lines.append(f"| {name} | {r['nfe']} | {r['metric_name']} {_fmt(r[r['metric_name']])} | {_fmt(r['is'])} | "
-                     f"{_fmt(r['class_acc'])} | {_fmt(r['ms_per_image'])} |")
+                     f"{_fmt(r['class_acc'])} | {_fmt(r['ms_per_image'])}{vae} |")
     if "speedup/exact_over_1nfe" in metrics:
         lines += ["", f"1-NFE is {metrics['speedup/exact_over_1nfe']:.1f}x faster per image than the exact inverse "
                       f"(batch {next(iter(samplers.values()))['timing']['batch']}, "
@@ -422,10 +467,13 @@ _FORWARD_CODE = _DATA_CODE + ("models/forward_flow.py", "models/layers.py", "obj
                               "checkpoint.py", "pipeline/raytrain.py")
 STEPS: dict[str, StepDef] = {s.name: s for s in (
     StepDef("prepare", (), ("data",), _DATA_CODE, run_prepare, lambda cfg: {"num_cpus": 1}, _data_identity),
-    StepDef("train_forward", ("prepare",), ("forward", "train_forward"), _FORWARD_CODE, run_train_forward,
+    # Ray Data's read tasks and encoding actors reserve their own CPUs/GPUs: the driving task takes none.
+    StepDef("latent", ("prepare",), ("pipeline.latent",), _DATA_CODE + ("latent",), run_latent,
+            lambda cfg: {"num_cpus": 0}, _vae_identity, enabled=lambda cfg: cfg.pipeline.latent is not None),
+    StepDef("train_forward", ("prepare", "latent"), ("forward", "train_forward"), _FORWARD_CODE, run_train_forward,
             _training_resources("train_forward")),
-    StepDef("train_reverse", ("prepare", "train_forward"), ("reverse", "reverse_loss", "train_reverse"),
-            _FORWARD_CODE + ("models", "objectives"), run_train_reverse, _training_resources("train_reverse")),
+    StepDef("train_reverse", ("prepare", "latent", "train_forward"), ("reverse", "reverse_loss", "train_reverse"),
+            _FORWARD_CODE + ("models", "objectives", "latent/vae.py"), run_train_reverse, _training_resources("train_reverse")),
     StepDef("evaluate", ("prepare", "train_forward", "train_reverse"), ("pipeline.evaluate",),
             ("metrics", "sampling", "models", "commands/eval.py", "pipeline/steps.py"), run_evaluate,
             lambda cfg: {"num_cpus": cfg.pipeline.evaluate.cpus, "num_gpus": cfg.pipeline.evaluate.gpus}),
@@ -433,6 +481,11 @@ STEPS: dict[str, StepDef] = {s.name: s for s in (
             lambda cfg: {"num_cpus": 1}),
 )}
 ORDER = tuple(STEPS)  # a topological order
+
+
+def active_steps(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The steps of this pipeline, in ORDER (`latent` only with pipeline.latent)."""
+    return tuple(name for name in ORDER if STEPS[name].active(cfg))
 
 
 def downstream(names: set[str]) -> set[str]:

@@ -157,7 +157,8 @@ def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list
     if n < 1:
         raise ConfigError("--num-samples must be at least 1")
     if cfg.pipeline.latent:
-        raise UserError(f"pipeline.latent={cfg.pipeline.latent!r}: the latent VAE step is not implemented yet")
+        raise UserError("pipeline.latent: sweeps run in pixel space only (a trial's validation compares pixels); "
+                        "run latent-space pipelines with `biflow run`")
     from biflow.pipeline.runner import storage_for
 
     storage = storage_for(cfg)

@@ -17,8 +17,6 @@ Its checkpoint lives in `<sweep>/trials/<trial id>/`, so a trial restarted by `-
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from biflow.pipeline.cache import Storage
+from biflow.pipeline.raytrain import Reports
 from biflow.pipeline.tracking import RunRef
 from biflow.sweep.space import Space
 
@@ -201,125 +200,62 @@ def _train_here(job, validator: Validator, device: torch.device) -> tuple[Path, 
     """Stage 2 in this process with the pipeline's `fit`; resumes from the trial's own checkpoint."""
     import ray.tune
 
-    from biflow.data import batches, load_split
-    from biflow.pipeline.raytrain import build_stage
+    from biflow.pipeline.raytrain import split_batches, build_stage
     from biflow.training.loop import fit
 
     # One checkpoint per report: the validator reads the EMA weights from it, and a restarted trial resumes there.
     tcfg = job.train_cfg.model_copy(update={"ckpt_every": job.train_cfg.log_every})
     model, step_fn, meta, desc = build_stage(job, device)
-    train = load_split(job.data_dir, "train")
+    train = split_batches(job, "train")
 
     def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
         ray.tune.report({**_train_metrics(step, metrics), **validator(path)})
 
     ckpt = Path(job.work_dir) / job.ckpt_name
-    trainer = fit(model, step_fn, lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start), tcfg, ckpt,
+    trainer = fit(model, step_fn, lambda start: train(tcfg.batch_size, tcfg.seed + start), tcfg, ckpt,
                   meta=meta, desc=desc, progress=False, on_checkpoint=on_checkpoint)
     return ckpt, trainer.step, float(trainer.metrics.get("loss", float("nan")))
 
 
 # -------------------------------------------------------- Ray Train (clusters)
-def _train_worker(config: dict[str, Any]) -> None:
-    """Every Ray Train worker of a data-parallel trial: the pipeline's worker recipe, plus validation reports.
+class TrialReports(Reports):
+    """The pipeline's Ray Train reports plus, from rank 0, the validation metrics of each checkpoint's EMA weights.
 
-    Each checkpoint interval (= report_every) every rank reports (a barrier); rank 0 adds the validation
-    metrics of the checkpoint's EMA weights and attaches the checkpoint. TuneReportCallback forwards rank
-    0's report to the trial.
+    One checkpoint (and report) per log interval (= report_every); TuneReportCallback forwards rank 0's report
+    to the trial, so Tune's scheduler sees the same metrics as for an in-process trial.
     """
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
 
-    from biflow.pipeline.cache import link_or_copy
-    from biflow.pipeline.raytrain import _DDP, _local_file, _quiet_ray_train, build_stage, shard_batches
-    from biflow.training.loop import fit
+    checkpoint_every_log = True
 
-    job = config["job"]
-    _quiet_ray_train()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    local = Path(tempfile.mkdtemp(prefix=f"biflow-sweep-rank{rank}-"))
-    ckpt = local / job.ckpt_name
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            shutil.copyfile(Path(d) / job.ckpt_name, ckpt)
-    elif (Path(job.work_dir) / job.ckpt_name).is_file():
-        shutil.copyfile(Path(job.work_dir) / job.ckpt_name, ckpt)
-    tcfg = job.train_cfg
-    if tcfg.batch_size % world:
-        from biflow.errors import UserError
+    def __init__(self, cfg, val_batch, cache_dir: str, want_fd: bool):
+        self.cfg, self.val_batch, self.cache_dir, self.want_fd = cfg, val_batch, cache_dir, want_fd
+        self.validator: Validator | None = None
 
-        raise UserError(f"batch_size {tcfg.batch_size} is not divisible by num_workers {world}")
-    # One report per interval: checkpoints are written exactly where the validation metric is reported.
-    tcfg = tcfg.model_copy(update={"device": str(device), "seed": tcfg.seed + rank, "ckpt_every": tcfg.log_every})
-    model, step_fn, meta, desc = build_stage(job, device)
-    model = model.to(device)
-    unused = job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
-    ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
-    validator = None
-    if rank == 0:  # the feature net and reference statistics come from the metrics cache (or are rebuilt here)
-        validator = validator_for(config["cfg"], _local_file(job.forward_ckpt, job.forward_ckpt_uri), job.data_dir,
-                                  config["val_batch"], config["cache_dir"], device, config["want_fd"])
-    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world,
-                            tuple(job.data_meta["image_shape"]), tcfg.seed * 1000 + rank)
+    def start(self, job, device: torch.device, rank: int) -> None:
+        from biflow.pipeline.raytrain import _local_file
 
-    def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
-        report = _train_metrics(step, metrics)
-        if rank == 0:
-            report.update(validator(path))
-            with tempfile.TemporaryDirectory() as d:
-                link_or_copy(path, Path(d) / job.ckpt_name)
-                checkpoint = Checkpoint.from_directory(d)
-                checkpoint.set_metadata({"step": step})
-                ray.train.report(report, checkpoint=checkpoint)
-        else:
-            ray.train.report(report)
+        if rank == 0:  # the feature net and reference statistics come from the metrics cache (or are rebuilt here)
+            self.validator = validator_for(self.cfg, _local_file(job.forward_ckpt, job.forward_ckpt_uri), job.data_dir,
+                                           self.val_batch, self.cache_dir, device, self.want_fd)
 
-    fit(ddp, step_fn, batches, tcfg, ckpt, meta=meta, desc=desc, progress=False, is_main=rank == 0,
-        on_checkpoint=on_checkpoint)
-    shutil.rmtree(local, ignore_errors=True)
+    def metrics(self, step: int, metrics: dict[str, float], resumed_from: int) -> dict[str, float]:
+        return _train_metrics(step, metrics)
+
+    def extra(self, checkpoint: Path) -> dict[str, float]:
+        return self.validator(checkpoint)
 
 
 def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str, val_batch) -> tuple[Path, int, float]:
     """A TorchTrainer per trial (stable run name: a restarted trial resumes its run) -> (checkpoint, steps, final loss)."""
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from biflow.errors import UserError
-    from biflow.pipeline.cache import link_or_copy
-    from biflow.pipeline.raytrain import _materialize_needed
+    from biflow.pipeline.raytrain import train_on_ray
 
-    scaling = cfg.pipeline.train_reverse
-    workers = cfg.train_reverse.num_workers
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(job.train_uri).select_columns(["image", "label"])
-    if _materialize_needed(workers, scaling):
-        ds = ds.materialize()
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"job": job, "val_batch": val_batch, "cfg": cfg, "cache_dir": setup.metrics_cache,
-                           "want_fd": setup.space.scheduler_metric == "val_fd"},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=dict(scaling.resources_per_worker) or None),
-        run_config=RunConfig(name=f"{setup.run_name}-{trial_id}", storage_path=setup.ray_storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=scaling.num_to_keep),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             callbacks=[TuneReportCallback()]),
-        datasets={"train": ds},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise UserError(f"trial {trial_id}: its Ray Train run finished without a checkpoint")
+    reports = TrialReports(cfg, val_batch, setup.metrics_cache, setup.space.scheduler_metric == "val_fd")
     dest = Path(job.work_dir) / job.ckpt_name
-    with result.checkpoint.as_directory() as d:
-        link_or_copy(Path(d) / job.ckpt_name, dest)
-    metrics = result.metrics or {}
-    return dest, int(metrics.get("step", cfg.train_reverse.steps)), float(metrics.get("loss", float("nan")))
+    summary = train_on_ray(job, cfg.train_reverse.num_workers, cfg.pipeline.train_reverse, setup.ray_storage,
+                           f"{setup.run_name}-{trial_id}", dest, reports=reports, callbacks=(TuneReportCallback(),))
+    return dest, summary["steps"], float(summary["final"].get("loss", float("nan")))
 
 
 # ------------------------------------------------------------------- scoring

@@ -41,10 +41,8 @@ def resolve_upstream(cfg: PipelineConfig, storage: Storage, parent: RunRef | Non
             records[p.name] = p.record
             continue
         echo(f"[sweep] {p.name}: not cached (key {p.key}), running it")
-        payload = {"name": p.name, "key": p.key, "config": cfg.model_dump(), "storage": storage.root,
-                   "local_dir": cfg.pipeline.local_dir, "parent": parent, "force": False, "inputs": p.inputs,
-                   "step_config": p.config, "code": p.code}
-        inputs = [{"record": records[i]} for i in STEPS[p.name].inputs]
+        payload = p.payload(cfg, storage, parent)
+        inputs = [{"record": records[i]} for i in p.inputs]
         if remote:
             import ray
 

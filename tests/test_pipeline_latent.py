@@ -1,0 +1,114 @@
+"""A latent-space pipeline end to end on tiny data: prepare -> latent (VAE encoding on Ray Data) -> stage 1 on
+latents -> stage 2 with the perceptual loss through the frozen decoder -> evaluation on decoded samples.
+
+The VAE is a real diffusers AutoencoderKL with tiny blocks and random weights (4x downsampling: 16x16 RGB
+patches become 4x4x4 latents), saved like a pretrained one and named by `pipeline.latent.vae`.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from biflow.checkpoint import read_checkpoint
+from biflow.cli import main
+from biflow.pipeline.cache import RECORD, Storage
+from biflow.pipeline.runner import plan
+from biflow.pipeline.spec import load_pipeline
+from test_pipeline import ROOT, TINY, local_ray, run_cli, table  # noqa: F401 - local_ray: the module's Ray
+
+PATCHES = ROOT / "pipelines" / "patches.yaml"
+STEPS = ["prepare", "latent", "train_forward", "train_reverse", "evaluate", "report"]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    pytest.importorskip("diffusers", reason="diffusers is not installed (optional extra: pip install -e '.[latent]')")
+    from biflow.latent import tiny_vae
+
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    tiny_vae(downsample=4, seed=0).save_pretrained(path)
+    return path
+
+
+def latent_sets(storage, vae_dir, *extra: str) -> list[str]:
+    out = []
+    for item in [*TINY, "data.patches_per_image=16", "reverse_loss.perceptual=0.5", f"pipeline.latent.vae={vae_dir}",
+                 "pipeline.latent.batch_size=32", f"pipeline.storage={storage}", *extra]:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory, vae_dir):
+    storage = tmp_path_factory.mktemp("latent-pipeline")
+    code = main(["run", str(PATCHES), *latent_sets(storage, vae_dir)])
+    assert code == 0
+    return storage
+
+
+def only(path):
+    (child,) = path.iterdir()
+    return child
+
+
+def test_the_latent_step_encodes_every_split_into_latent_shards(latent_run):
+    from biflow.latent import load_latent_split
+
+    step = only(latent_run / "latent")
+    train, test = load_latent_split(step / "latents", "train"), load_latent_split(step / "latents", "test")
+    assert train.latents.shape[1:] == (4, 4, 4) and train.meta["source_image_shape"] == [16, 16, 3]
+    assert len(train) + len(test) == 16 * 9 and train.meta["codec"]["scaling_factor"] == pytest.approx(0.18215)
+    record = json.loads((step / RECORD).read_text())["result"]
+    assert record["meta"]["latent_shape"] == [4, 4, 4] and record["splits"]["train"]["count"] == len(train)
+    assert all(f"latent/channel{c}_std" in record["metrics"] for c in range(4))
+
+
+def test_stage_1_trains_on_latents_and_the_checkpoints_record_the_vae_and_the_images(latent_run, vae_dir):
+    fwd = read_checkpoint(only(latent_run / "train_forward") / "forward.pt")
+    rev = read_checkpoint(only(latent_run / "train_reverse") / "reverse.pt")
+    assert fwd["config"]["in_channels"] == 4 and fwd["config"]["image_size"] == 4  # the latent geometry
+    for ckpt in (fwd, rev):
+        assert ckpt["latent"]["vae"] == str(vae_dir)
+        assert ckpt["data_dir"].startswith(str(latent_run / "prepare"))  # evaluation's reference: the images
+        assert ckpt["latent_dir"].startswith(str(latent_run / "latent"))
+    assert rev["reverse_loss"]["perceptual"] == 0.5
+
+
+def test_samples_are_decoded_to_images_and_the_vae_cost_is_reported_apart(latent_run):
+    report = json.loads((only(latent_run / "report") / "report.json").read_text())
+    for sampler in ("1nfe", "exact"):
+        res = report["samplers"][sampler]
+        assert res["ms_per_image"] > 0 and res["decode_ms_per_image"] > 0
+    assert "VAE decoding" in (only(latent_run / "report") / "report.md").read_text()
+    grid = np.asarray(Image.open(only(latent_run / "evaluate") / "samples_1nfe.png"))
+    assert grid.ndim == 3 and grid.shape[2] == 3  # RGB images, not 4-channel latents
+
+
+def test_a_rerun_is_cached_and_vae_settings_change_only_latent_and_downstream(latent_run, vae_dir, capsys):
+    code, out, _ = run_cli(capsys, "run", str(PATCHES), *latent_sets(latent_run, vae_dir, "pipeline.latent.workers=2"))
+    assert code == 0 and table(out, STEPS) == {s: "cached" for s in STEPS}  # execution settings: same keys
+    cfg = load_pipeline(PATCHES, [item for item in latent_sets(latent_run, vae_dir, "pipeline.latent.mode=sample")
+                                  if item != "--set"])
+    assert [(p.name, p.action) for p in plan(cfg, Storage(str(latent_run)))] == \
+        [("prepare", "cached")] + [(s, "run") for s in STEPS[1:]]
+
+
+def test_biflow_sample_decodes_a_latent_checkpoint(latent_run, tmp_path, capsys):
+    out = tmp_path / "samples.npz"
+    code, _, _ = run_cli(capsys, "sample", str(only(latent_run / "train_reverse") / "reverse.pt"), "--num", "4",
+                         "--out", str(out))
+    assert code == 0
+    images = np.load(out)["images"]
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
+@pytest.mark.parametrize("command", [("inpaint", "--keep", "top"), ("edit", "--to-label", "1")])
+def test_inpainting_and_class_editing_run_in_latent_space_on_images(latent_run, tmp_path, capsys, command):
+    out = tmp_path / "out.npz"
+    code, _, _ = run_cli(capsys, command[0], str(only(latent_run / "train_reverse") / "reverse.pt"), *command[1:],
+                         "--num", "3", "--out", str(out))
+    assert code == 0
+    assert np.load(out)["images"].shape == (3, 16, 16, 3)  # encoded with the VAE, decoded back to RGB
