@@ -2,4 +2,4 @@
 from biflow.models.forward_flow import ForwardFlow
 from biflow.models.reverse import ReverseModel
 
-__all__ = ["ForwardFlow"]
+__all__ = ["ForwardFlow", "ReverseModel"]

@@ -18,7 +18,6 @@ the report files. The hash covers the space file, the pipeline data and --num-sa
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -92,19 +91,9 @@ def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------- Ray
 def connect(address: str | None) -> bool:
     """A local Ray (with the train_driver resource for data-parallel trials), or the cluster at `address`."""
-    import ray
-
     from biflow.pipeline.runner import connect_ray
 
-    if ray.is_initialized():
-        return False
-    if address:
-        return connect_ray(address)
-    env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    ray.init(resources={TRAIN_DRIVER: 64}, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-             logging_level=logging.WARNING, configure_logging=True)
-    return True
+    return connect_ray(address, resources={TRAIN_DRIVER: 64})
 
 
 def trial_resources(space: Space, cfg) -> tuple[dict[str, float], int]:
