@@ -33,6 +33,7 @@ class DataConfig(Section):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out fraction (stratified split, seeded by `seed`)
     rows_per_shard: int = Field(4096, ge=1)  # Parquet shard size
     seed: int = 0  # split and crop seed
+    workers: int = Field(0, ge=0)  # image decoding processes for imagefolder; 0 = os.cpu_count()
 
 
 # ------------------------------------------------------------------ forward flow

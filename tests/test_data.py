@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from biflow.data import (
     DataError,
     ShardError,
     ShardSet,
+    ShardWriter,
     batches,
     load_split,
     prepare,
@@ -29,7 +31,9 @@ from biflow.data import (
     to_uint8,
     write_shards,
 )
-from biflow.data.builtin import PHOTOS
+from biflow.data.builtin import PHOTOS, load_image, prepared_dir
+
+PINNED_PYARROW = "25.0.1"  # Parquet files name their writer's version, so pinned hashes hold for this one
 
 
 def _toy(n: int = 20, shape: tuple[int, int, int] = (4, 5, 3), classes: int = 3, seed: int = 0):
@@ -97,6 +101,68 @@ def test_empty_split_round_trips(tmp_path):
     write_shards(tmp_path, images, labels, meta)
     got = read_shards(tmp_path)
     assert got.images.shape == (0, 4, 5, 3) and got.labels.shape == (0,)
+
+
+def test_write_shards_output_is_pinned_byte_for_byte(tmp_path, monkeypatch):
+    """Content hashes recorded with the in-memory writer this streaming one replaced (and its digits recipe)."""
+    if pa.__version__ != PINNED_PYARROW:
+        pytest.skip(f"hashes pinned with pyarrow {PINNED_PYARROW}, this is {pa.__version__}")
+    write_shards(tmp_path / "a", *_toy(20), rows_per_shard=7)
+    write_shards(tmp_path / "empty", *_toy(0))
+    assert read_manifest(tmp_path / "a")["content_hash"].startswith("c027de0d434b8ed835bbc686")
+    assert read_manifest(tmp_path / "empty")["content_hash"].startswith("beb9634480d59904f866871b")
+    digits = prepare(DataConfig(name="digits", seed=0, workers=3), tmp_path / "digits")
+    assert read_manifest(digits / "test")["content_hash"].startswith("2e6777c8b1c6894d495fe414")
+    import biflow.data.shards as shards
+
+    monkeypatch.setattr(shards, "_ROW_GROUP_BYTES", 3 * 60)  # several row groups per part
+    write_shards(tmp_path / "groups", *_toy(20), rows_per_shard=100)
+    assert read_manifest(tmp_path / "groups")["content_hash"].startswith("4b250d0f12942a46ffd93f7f")
+
+
+def test_streaming_writer_flushes_parts_of_rows_per_shard_and_matches_write_shards(tmp_path):
+    images, labels, meta = _toy(20)
+    writer = ShardWriter(tmp_path / "stream", meta, image_shape=(4, 5, 3), count=20, rows_per_shard=7)
+    written = []
+    for lo, hi in [(0, 3), (3, 3), (3, 12), (12, 20)]:  # batches of 3, 0, 9 and 8 rows
+        writer.add(images[lo:hi], labels[lo:hi])
+        written.append([e["rows"] for e in writer.entries])
+    assert written == [[], [], [7], [7, 7]]  # a part is written as soon as rows_per_shard rows are buffered
+    manifest = writer.close()
+    assert [f["rows"] for f in manifest["files"]] == [7, 7, 6]
+    write_shards(tmp_path / "whole", images, labels, meta, rows_per_shard=7)
+    assert manifest == read_manifest(tmp_path / "whole")
+    for name in ("part-00000.parquet", "part-00002.parquet", "manifest.json"):
+        assert (tmp_path / "stream" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_streaming_writer_keeps_the_old_directory_until_its_first_part(tmp_path):
+    images, labels, meta = _toy(20)
+    write_shards(tmp_path, images, labels, meta, rows_per_shard=5)
+    writer = ShardWriter(tmp_path, meta, (4, 5, 3), count=8, rows_per_shard=5)
+    writer.add(images[:4], labels[:4])
+    assert len(read_shards(tmp_path)) == 20  # nothing written yet: the old directory still reads
+    writer.add(images[4:8], labels[4:8])
+    with pytest.raises(ShardError, match="manifest missing"):  # mid-rewrite reads as incomplete
+        read_shards(tmp_path)
+    writer.close()
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    np.testing.assert_array_equal(read_shards(tmp_path).images, images[:8])
+
+
+def test_streaming_writer_checks_batches_and_the_declared_count(tmp_path):
+    images, labels, meta = _toy(6)
+    writer = ShardWriter(tmp_path, meta, (4, 5, 3), count=5)
+    with pytest.raises(ValueError, match=r"uint8 \(n, 4, 5, 3\)"):
+        writer.add(images[:, :2], labels)
+    with pytest.raises(ValueError, match="6 rows added, count is 5"):
+        writer.add(images, labels)
+    writer.add(images[:4], labels[:4])
+    with pytest.raises(ValueError, match="4 rows added, count is 5"):
+        writer.close()
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(ValueError, match=r"image_shape must be \(H, W, C\)"):
+        ShardWriter(tmp_path, meta, (4, 5), count=1)
 
 
 def test_write_rejects_bad_input(tmp_path):
@@ -248,6 +314,72 @@ def test_imagefolder_converts_a_class_per_folder_tree(tmp_path):
     assert list(red) == [1]  # the red image is a zebra
     gray = both[(both[:, 4, 4] == 128).all(axis=1)]
     assert len(gray) == 1  # the L-mode image became RGB gray
+
+
+def _in_memory_reference(cfg: DataConfig, root: Path, out: Path) -> dict[str, str]:
+    """The tree decoded whole (class folders sorted, files sorted), split, and written with write_shards -> hashes."""
+    files = [(label, f) for label, d in enumerate(sorted(Path(cfg.source).iterdir()))
+             for f in sorted(d.glob("*.png"))]
+    images = np.stack([load_image(f, cfg.image_size) for _, f in files])  # (N, S, S, 3)
+    labels = np.array([label for label, _ in files])
+    hashes = {}
+    for split, idx in zip(("train", "test"), split_indices(labels, cfg.test_fraction, cfg.seed)):
+        meta = {k: v for k, v in read_manifest(root / split)["meta"].items() if k not in ("image_shape", "count")}
+        write_shards(out / split, images[idx], labels[idx], meta, cfg.rows_per_shard)
+        hashes[split] = read_manifest(out / split)["content_hash"]
+    return hashes
+
+
+def test_imagefolder_prepare_streams_in_chunks_with_bounded_memory(tmp_path, monkeypatch):
+    """Decoded DECODE_CHUNK images at a time, written in file order: the same bytes as decoding all of it first."""
+    import biflow.data.builtin as builtin
+
+    monkeypatch.setattr(builtin, "DECODE_CHUNK", 2)
+    added, add = [], ShardWriter.add
+
+    def spy(self, images, labels):
+        added.append((self.meta["split"], len(images)))
+        add(self, images, labels)
+
+    monkeypatch.setattr(ShardWriter, "add", spy)
+    tree = _tree(tmp_path / "tree")
+    for i in range(4):
+        _png(tree / "apple" / f"b{i}.png", (12, 14), (40 * i, 9, 200))
+    cfg = DataConfig(name="imagefolder", source=str(tree), image_size=8, test_fraction=0.34, rows_per_shard=3)
+    root = prepare(cfg, tmp_path / "out")
+    assert added == [("train", 2), ("train", 2), ("train", 2), ("test", 2), ("test", 1)]
+    got = {split: read_manifest(root / split)["content_hash"] for split in ("train", "test")}
+    assert got == _in_memory_reference(cfg, root, tmp_path / "reference")
+
+
+def test_imagefolder_decoding_processes_do_not_change_the_data(tmp_path, monkeypatch):
+    """data.workers processes decode (here 2, one image per task); output, recipe and cache dir are those of 1."""
+    import biflow.data.builtin as builtin
+
+    pools = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, workers: int):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(builtin, "DECODE_TASK", 1)
+    monkeypatch.setattr(builtin, "ProcessPoolExecutor", Pool)
+    tree = _tree(tmp_path / "tree")
+    serial = DataConfig(name="imagefolder", source=str(tree), image_size=8, test_fraction=0.34, workers=1)
+    parallel = serial.model_copy(update={"workers": 2})
+    a, b = prepare(serial, tmp_path / "serial"), prepare(parallel, tmp_path / "parallel")
+    assert pools == [2, 2]  # one pool of 2 per split of the parallel run, none for the serial one
+    for split in ("train", "test"):
+        assert (a / split / "part-00000.parquet").read_bytes() == (b / split / "part-00000.parquet").read_bytes()
+    assert prepared_dir(serial, tmp_path) == prepared_dir(parallel, tmp_path)
+    before = (a / "train" / "manifest.json").stat().st_mtime_ns
+    prepare(parallel, a)  # already prepared: workers is not part of the recipe
+    assert (a / "train" / "manifest.json").stat().st_mtime_ns == before
+    (tree / "zebra" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match=r"broken\.png: unreadable image") as err:
+        prepare(parallel, tmp_path / "broken")
+    assert "\n" not in str(err.value)
 
 
 def test_imagefolder_errors_are_one_line_and_name_the_problem(tmp_path):

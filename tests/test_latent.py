@@ -163,12 +163,17 @@ def test_perceptual_gradient_reaches_the_reverse_model_through_the_frozen_decode
 
 
 # ------------------------------------------------------------------------ latent shards
-def test_latent_shards_round_trip_without_a_vae(tmp_path):
-    """Writer -> reader keeps latents (float16), labels and meta; several parts; corruption is a ShardError."""
+def _latent_toy(n: int = 10):
     rng = np.random.default_rng(0)
-    lat, lab = rng.normal(size=(10, 4, 2, 2)).astype(np.float32), rng.integers(0, 3, 10)
+    lat, lab = rng.normal(size=(n, 4, 2, 2)).astype(np.float32), rng.integers(0, 3, n)
     meta = {"kind": "latent", "name": "t", "split": "train", "num_classes": 3, "class_names": ["a", "b", "c"],
             "latent_shape": [4, 2, 2], "dtype": "float16", "image_shape": [2, 2, 4]}
+    return lat, lab, meta
+
+
+def test_latent_shards_round_trip_without_a_vae(tmp_path):
+    """Writer -> reader keeps latents (float16), labels and meta; several parts; corruption is a ShardError."""
+    lat, lab, meta = _latent_toy()
     writer = LatentShardWriter(tmp_path, meta, rows_per_shard=4)
     writer.add(lat[:7], lab[:7])
     writer.add(lat[7:], lab[7:])
@@ -188,6 +193,34 @@ def test_latent_shards_round_trip_without_a_vae(tmp_path):
     part.write_bytes(part.read_bytes()[:-9] + b"corrupted")
     with pytest.raises(ShardError, match="sha256|corrupt"):
         read_latent_shards(tmp_path)
+
+
+def test_latent_writer_output_is_pinned_byte_for_byte(tmp_path):
+    """Content hashes recorded before the latent writer moved onto the shared PartWriter."""
+    import pyarrow as pa
+
+    if pa.__version__ != "25.0.1":
+        pytest.skip(f"hashes pinned with pyarrow 25.0.1 (Parquet files name their writer), this is {pa.__version__}")
+    lat, lab, meta = _latent_toy()
+    pinned = {4: "15a02cf8e95a8e37f4fabede", 5: "c011be9d5b61d27f28e0ed9f", 100: "098ec94fba51339f4ab8c09c"}
+    for rows_per_shard, want in pinned.items():
+        writer = LatentShardWriter(tmp_path / str(rows_per_shard), meta, rows_per_shard)
+        writer.add(lat[:7], lab[:7])
+        writer.add(lat[7:], lab[7:])
+        assert writer.close()["content_hash"].startswith(want)
+
+
+def test_latent_writer_writes_an_empty_split_as_one_part_and_rejects_bad_batches(tmp_path):
+    lat, lab, meta = _latent_toy()
+    writer = LatentShardWriter(tmp_path, meta)
+    with pytest.raises(ValueError, match=r"expected \(n, 4, 2, 2\)"):
+        writer.add(lat[:, :2], lab)
+    with pytest.raises(ValueError, match="labels span"):
+        writer.add(lat, lab + 3)
+    manifest = writer.close()
+    assert [f["rows"] for f in manifest["files"]] == [0] and manifest["meta"]["count"] == 0
+    got = read_latent_shards(tmp_path)
+    assert got.latents.shape == (0, 4, 2, 2) and got.latents.dtype == np.float16 and len(got) == 0
 
 
 def test_encode_shards_in_process(image_shards, vae_dir, codec, tmp_path):

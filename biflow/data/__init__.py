@@ -2,29 +2,31 @@
 
     prepare(cfg, out_dir) -> out_dir with train/ and test/ shard directories
     load_split(cfg_or_dir, split) -> ShardSet(images uint8 (N, H, W, C), labels int64 (N,), meta, content_hash)
+    ShardWriter(out_dir, meta, image_shape, count).add(images, labels) ... .close()  streams a shard directory
     batches(shardset, batch_size, seed, device) -> endless (x float32 (B, C, H, W) in [-1, 1], y int64 (B,))
 """
 from biflow.data.builtin import (
     DataError,
     digits_arrays,
-    imagefolder_arrays,
+    imagefolder_source,
     load_split,
     patches_arrays,
     prepare,
     prepared_dir,
     split_indices,
 )
-from biflow.data.shards import ShardError, ShardSet, read_manifest, read_shards, write_shards
+from biflow.data.shards import ShardError, ShardSet, ShardWriter, read_manifest, read_shards, write_shards
 from biflow.data.transforms import batches, grid_image, save_grid, to_model, to_uint8
 
 __all__ = [
     "DataError",
     "ShardError",
     "ShardSet",
+    "ShardWriter",
     "batches",
     "digits_arrays",
     "grid_image",
-    "imagefolder_arrays",
+    "imagefolder_source",
     "load_split",
     "patches_arrays",
     "prepare",

@@ -7,9 +7,11 @@
                  resized to data.image_size, RGB; class index = position of the sorted folder name
     shards       data.source is an already prepared directory (with train/ and test/); read as is
 
-Splits are stratified by label, by data.test_fraction, deterministic given data.seed.
-An unreadable image in an imagefolder tree fails the whole conversion with the file's name
-(no silent skipping: a dataset that quietly lost files is worse than a clear error).
+Splits are stratified by label, by data.test_fraction, deterministic given data.seed. Every split
+goes through one streaming ShardWriter; an imagefolder tree is listed first (the split needs only the
+labels), then decoded by data.workers processes DECODE_CHUNK images at a time, so memory stays bounded
+(ImageNet does not fit in it). An unreadable image in an imagefolder tree fails the whole conversion
+with the file's name (no silent skipping: a dataset that quietly lost files is worse than a clear error).
 """
 from __future__ import annotations
 
@@ -17,14 +19,19 @@ import hashlib
 import json
 import logging
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from biflow.config import DataConfig
-from biflow.data.shards import MANIFEST, ShardError, ShardSet, read_manifest, read_shards, write_shards
+from biflow.data.shards import MANIFEST, ShardError, ShardSet, ShardWriter, read_manifest, read_shards
 from biflow.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,15 +56,26 @@ class DataError(UserError, ValueError):
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+DECODE_CHUNK = 2048  # imagefolder images decoded, held and written at a time (bounds prepare's memory)
+DECODE_TASK = 16  # images per task of the decoding processes
 
 
 @dataclass
 class Arrays:
-    """A whole dataset before splitting."""
+    """A whole dataset in memory, before splitting."""
 
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,)
     class_names: list[str]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        h, w, c = self.images.shape[1:]
+        return int(h), int(w), int(c)
+
+    def chunks(self, idx: np.ndarray) -> Iterator[np.ndarray]:
+        """The images of rows `idx`, in order: here one uint8 (len(idx), H, W, C) array."""
+        yield self.images[idx]
 
 
 # ----------------------------------------------------------------------------- split
@@ -169,18 +187,72 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({err})") from None
 
 
-def imagefolder_arrays(cfg: DataConfig) -> Arrays:
-    """cfg.source/<class>/**/<image> -> (N, S, S, 3) uint8; class = index of the sorted folder name."""
+@dataclass
+class ImageFolder:
+    """An imagefolder tree listed but not decoded: its images are decoded in chunks, when written."""
+
+    files: list[Path]  # (N,) by class folder, sorted within one
+    labels: np.ndarray  # int64 (N,)
+    class_names: list[str]
+    size: int  # output side S
+    workers: int  # decoding processes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.size, self.size, 3
+
+    def chunks(self, idx: np.ndarray) -> Iterator[np.ndarray]:
+        """The images of rows `idx`, in order, as uint8 (<= DECODE_CHUNK, S, S, 3) arrays."""
+        return decode_chunks([self.files[i] for i in idx], self.size, self.workers)
+
+
+def imagefolder_source(cfg: DataConfig) -> ImageFolder:
+    """List cfg.source/<class>/**/<image> without decoding; class = index of the sorted folder name."""
     if not cfg.source:
         raise DataError("data.source is required for data.name=imagefolder (a class-per-folder image tree)")
-    root = Path(cfg.source).expanduser()
-    dirs = _class_dirs(root)
-    images, labels = [], []
+    dirs = _class_dirs(Path(cfg.source).expanduser())
+    files, labels = [], []
     for label, d in enumerate(dirs):
-        for f in _image_files(d):
-            images.append(load_image(f, cfg.image_size))
-            labels.append(label)
-    return Arrays(np.stack(images), np.asarray(labels, np.int64), [d.name for d in dirs])
+        found = _image_files(d)
+        files += found
+        labels += [label] * len(found)
+    workers = cfg.workers or os.cpu_count() or 1
+    return ImageFolder(files, np.asarray(labels, np.int64), [d.name for d in dirs], cfg.image_size, workers)
+
+
+def decode_chunks(files: list[Path], size: int, workers: int) -> Iterator[np.ndarray]:
+    """`load_image` over `files`, in order, as uint8 (<= DECODE_CHUNK, size, size, 3) arrays.
+
+    Up to `workers` processes decode (no more than there are tasks of DECODE_TASK files; with one, this
+    process does), one chunk ahead of the consumer: memory holds a few chunks, never the whole list.
+    A tqdm bar on stderr (shown on a terminal) counts the images.
+    """
+    workers = min(workers, -(-len(files) // DECODE_TASK))
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    decode = partial(pool.map, chunksize=DECODE_TASK) if pool else map
+    load = partial(load_image, size=size)
+    bar = tqdm(total=len(files), desc="decoding images", unit="img", disable=None, leave=False)
+    ahead: deque[Iterator[np.ndarray]] = deque()  # chunks submitted, not yet returned
+    try:
+        for lo in range(0, len(files), DECODE_CHUNK):
+            ahead.append(decode(load, files[lo : lo + DECODE_CHUNK]))
+            if len(ahead) == 2:
+                yield _stack(ahead.popleft(), bar)
+        while ahead:
+            yield _stack(ahead.popleft(), bar)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _stack(images: Iterator[np.ndarray], bar: tqdm) -> np.ndarray:
+    """Decoded images (S, S, 3) -> (n, S, S, 3), counting them on `bar`."""
+    out = []
+    for image in images:
+        out.append(image)
+        bar.update()
+    return np.stack(out)
 
 
 def _tree_fingerprint(root: Path) -> str:
@@ -196,12 +268,18 @@ def _tree_fingerprint(root: Path) -> str:
 
 
 # --------------------------------------------------------------------------- prepare
-BUILDERS = {"digits": digits_arrays, "patches": patches_arrays, "imagefolder": imagefolder_arrays}
+BUILDERS = {"digits": digits_arrays, "patches": patches_arrays, "imagefolder": imagefolder_source}
+EXECUTION_ONLY = {"workers"}  # DataConfig fields that change how data is prepared, not what it is
+
+
+def _settings(cfg: DataConfig) -> dict:
+    """The config the prepared data depends on: all of it but the EXECUTION_ONLY fields."""
+    return cfg.model_dump(exclude=EXECUTION_ONLY)
 
 
 def _recipe(cfg: DataConfig) -> dict:
     """What a prepared directory was built from; a directory is reused only if this matches."""
-    recipe = {"builder_version": BUILD_VERSION, **cfg.model_dump()}
+    recipe = {"builder_version": BUILD_VERSION, **_settings(cfg)}
     if cfg.name == "imagefolder" and cfg.source and Path(cfg.source).expanduser().is_dir():
         recipe["source_fingerprint"] = _tree_fingerprint(Path(cfg.source).expanduser())
     return recipe
@@ -226,6 +304,17 @@ def _shards_source(cfg: DataConfig) -> Path:
     return Path(cfg.source).expanduser()
 
 
+def _write_split(split_dir: Path, source: Arrays | ImageFolder, idx: np.ndarray, meta: dict,
+                 rows_per_shard: int) -> None:
+    """Stream the rows `idx` (N,) of `source` into one shard directory, a chunk of images at a time, in order."""
+    writer = ShardWriter(split_dir, meta, source.image_shape, len(idx), rows_per_shard)
+    done = 0
+    for images in source.chunks(idx):  # uint8 (n, H, W, C)
+        writer.add(images, source.labels[idx[done : done + len(images)]])
+        done += len(images)
+    writer.close()
+
+
 def prepare(cfg: DataConfig, out_dir: str | Path) -> Path:
     """Build `out_dir/train/` and `out_dir/test/` shard dirs for `cfg`; returns the prepared root.
 
@@ -243,13 +332,14 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> Path:
     if _is_prepared(out_dir, recipe):
         log.info("data: %s already prepared (%s)", out_dir, cfg.name)
         return out_dir
-    data = BUILDERS[cfg.name](cfg)
-    train_idx, test_idx = split_indices(data.labels, cfg.test_fraction, cfg.seed)
+    source = BUILDERS[cfg.name](cfg)
+    train_idx, test_idx = split_indices(source.labels, cfg.test_fraction, cfg.seed)
     for split, idx in zip(SPLITS, (train_idx, test_idx)):
         meta = dict(
-            name=cfg.name, split=split, num_classes=len(data.class_names), class_names=data.class_names, recipe=recipe
+            name=cfg.name, split=split, num_classes=len(source.class_names), class_names=source.class_names,
+            recipe=recipe,
         )
-        write_shards(out_dir / split, data.images[idx], data.labels[idx], meta, cfg.rows_per_shard)
+        _write_split(out_dir / split, source, idx, meta, cfg.rows_per_shard)
     log.info("data: prepared %s in %s (%d train, %d test)", cfg.name, out_dir, len(train_idx), len(test_idx))
     return out_dir
 
@@ -262,7 +352,7 @@ def default_data_root() -> Path:
 
 def prepared_dir(cfg: DataConfig, root: str | Path | None = None) -> Path:
     """The cache directory for `cfg` under `root`: <root>/<name>-<12 hex of the config>."""
-    key = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(_settings(cfg), sort_keys=True).encode()).hexdigest()[:12]
     return Path(root or default_data_root()) / f"{cfg.name}-{key}"
 
 

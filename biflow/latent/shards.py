@@ -5,8 +5,8 @@ frozen VAE (biflow.latent.vae), through Ray Data batch inference (an actor pool;
 use_gpu) or in-process. Training reads them with `load_latent_split` + `latent_batches` (in-process) or
 `latents_from_rows` (Ray Data batches on Ray Train workers).
 
-Layout, like biflow.data.shards (one directory per split, each file and the manifest written atomically,
-the manifest last as the completion marker), with its own columns:
+Layout, like biflow.data.shards and written by the same PartWriter (one directory per split, each file and
+the manifest written atomically, the manifest last as the completion marker), with its own columns:
 
     latent  binary  C*h*w little-endian elements of meta.dtype (float16 | float32), C-major (C, h, w) order
     label   int64   class index in [0, num_classes)
@@ -40,12 +40,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from biflow.atomic import atomic_path, atomic_write_bytes
 from biflow.config import LatentConfig
-from biflow.data.shards import MANIFEST, PART_GLOB, ShardError, _binary_chunks, _content_hash, _dumps, _read_table
+from biflow.data.shards import (
+    MANIFEST,
+    LabelledSplit,
+    PartWriter,
+    ShardError,
+    _binary_chunks,
+    _binary_rows,
+    _content_hash,
+    _dumps,
+    _read_table,
+    check_labels,
+    load_manifest,
+)
 from biflow.data.transforms import shuffled_batches
 from biflow.latent.vae import LatentCodec, _as_config
 
@@ -62,20 +72,13 @@ _MANIFEST_ONLY = ("count", "stats")  # meta entries known only at the end: in th
 
 
 @dataclass(frozen=True)
-class LatentSet:
+class LatentSet(LabelledSplit):
     """One split of latents in memory."""
 
     latents: np.ndarray  # float16 | float32 (N, C, h, w), scaled latents
     labels: np.ndarray  # int64 (N,)
     meta: dict[str, Any] = field(default_factory=dict)  # split metadata (module docstring)
     content_hash: str = ""
-
-    def __len__(self) -> int:
-        return int(self.latents.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -84,73 +87,41 @@ class LatentSet:
 
 
 # ------------------------------------------------------------------------------ write
-class LatentShardWriter:
+class LatentShardWriter(PartWriter):
     """Streams latent batches into Parquet parts of `rows_per_shard` rows; `close()` writes the manifest."""
 
+    FORMAT = FORMAT
+    VERSION = VERSION
+
     def __init__(self, out_dir: str | Path, meta: dict[str, Any], rows_per_shard: int = 8192):
-        self.out_dir, self.rows_per_shard = Path(out_dir), int(rows_per_shard)
-        self.meta = json.loads(_dumps(meta))
-        self.shape = tuple(int(s) for s in meta["latent_shape"])
+        self.shape = tuple(int(s) for s in meta["latent_shape"])  # (C, h, w)
         self.dtype = _NUMPY[meta["dtype"]]
-        self.num_classes = int(meta["num_classes"])
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / MANIFEST).unlink(missing_ok=True)  # an interrupted rewrite reads as incomplete
-        self.schema = SCHEMA.with_metadata({META_KEY: _dumps(self.meta).encode()})
-        self._lat: list[np.ndarray] = []
-        self._lab: list[np.ndarray] = []
-        self._buffered = 0
-        self.entries: list[dict[str, Any]] = []
-        self._sum = np.zeros(self.shape[0], np.float64)
+        row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        super().__init__(out_dir, SCHEMA, json.loads(_dumps(meta)), row_bytes, rows_per_shard)
+        self._sum = np.zeros(self.shape[0], np.float64)  # per channel, over the stored values
         self._sumsq = np.zeros(self.shape[0], np.float64)
-        self.count = 0
 
     def add(self, latents: np.ndarray, labels: np.ndarray) -> None:
         """latents (n, C, h, w) float, labels (n,) int."""
-        latents, labels = np.asarray(latents), np.asarray(labels).astype(np.int64)
-        if latents.shape[1:] != self.shape or labels.shape != (len(latents),):
-            raise ValueError(f"latent batch {latents.shape} / labels {labels.shape}, expected (n, {self.shape}) / (n,)")
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels span [{labels.min()}, {labels.max()}], need [0, {self.num_classes})")
-        stored = latents.astype(self.dtype)
+        latents = np.asarray(latents)
+        if latents.shape[1:] != self.shape:
+            raise ValueError(f"latent batch {latents.shape}, expected (n, {', '.join(map(str, self.shape))})")
+        labels = check_labels(labels, len(latents), int(self.meta["num_classes"]))
+        stored = np.ascontiguousarray(latents, dtype=self.dtype)
         wide = stored.astype(np.float64)
         self._sum += wide.sum(axis=(0, 2, 3))
         self._sumsq += (wide**2).sum(axis=(0, 2, 3))
-        self.count += len(stored)
-        self._lat.append(stored)
-        self._lab.append(labels)
-        self._buffered += len(stored)
-        while self._buffered >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
+        self._append(stored, labels)
 
-    def _flush(self, rows: int) -> None:
-        lat, lab = np.concatenate(self._lat), np.concatenate(self._lab)
-        self._lat, self._lab = [lat[rows:]], [lab[rows:]]
-        self._buffered = len(lat) - rows
-        lat, lab = lat[:rows], lab[:rows]
-        flat = np.ascontiguousarray(lat).view(np.uint8).reshape(rows, -1)  # (rows, C*h*w*itemsize)
-        table = pa.Table.from_arrays([_binary_chunks(flat, max(1, rows)), pa.array(lab, pa.int64())], schema=self.schema)
-        path = self.out_dir / f"part-{len(self.entries):05d}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-            data = tmp.read_bytes()
-        self.entries.append(dict(name=path.name, rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    def _table(self, values: np.ndarray, labels: np.ndarray) -> pa.Table:
+        return pa.Table.from_arrays([_binary_chunks(values, max(1, len(values))), pa.array(labels)], schema=self.schema)
 
-    def close(self) -> dict[str, Any]:
-        """Write the remaining rows (an empty split still gets one part carrying the schema), then the manifest."""
-        if self._buffered or not self.entries:
-            self._flush(self._buffered)
-        keep = {e["name"] for e in self.entries}
-        for stale in self.out_dir.glob(PART_GLOB):
-            if stale.name not in keep:
-                stale.unlink()
+    def manifest_meta(self) -> dict[str, Any]:
+        """The parts' meta plus count and per-channel stats (mean, std) of the stored latents."""
         n = max(self.count * self.shape[1] * self.shape[2], 1)
         mean = self._sum / n
         std = np.sqrt(np.maximum(self._sumsq / n - mean**2, 0.0))
-        meta = {**self.meta, "count": self.count, "stats": {"mean": mean.tolist(), "std": std.tolist()}}
-        manifest = dict(format=FORMAT, version=VERSION, meta=meta, count=self.count, files=self.entries,
-                        content_hash=_content_hash(self.entries))
-        atomic_write_bytes(self.out_dir / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        return manifest
+        return {**self.meta, "count": self.count, "stats": {"mean": mean.tolist(), "std": std.tolist()}}
 
 
 # ------------------------------------------------------------------------------- read
@@ -159,18 +130,8 @@ def read_latent_manifest(split_dir: str | Path) -> dict[str, Any]:
     path = Path(split_dir) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path}: latent manifest missing (not encoded yet, or interrupted); run the encode step again")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShardError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ShardError(f"{path}: not a {FORMAT} manifest (image shards are read with biflow.data.load_split)")
-    if manifest.get("version") != VERSION:
-        raise ShardError(f"{path}: manifest version {manifest.get('version')!r}, this code reads {VERSION}")
-    missing = [k for k in ("meta", "count", "files", "content_hash") if k not in manifest]
-    missing += [f"meta.{k}" for k in ("latent_shape", "dtype", "num_classes") if k not in manifest.get("meta", {})]
-    if missing or not manifest.get("files"):
-        raise ShardError(f"{path}: manifest lacks {', '.join(missing) or 'files'}")
+    manifest = load_manifest(path, FORMAT, VERSION, ("latent_shape", "dtype", "num_classes"),
+                             " (image shards are read with biflow.data.load_split)")
     if manifest["meta"]["dtype"] not in _NUMPY:
         raise ShardError(f"{path}: unknown latent dtype {manifest['meta']['dtype']!r}")
     return manifest
@@ -198,19 +159,10 @@ def read_latent_shards(split_dir: str | Path) -> LatentSet:
             raise ShardError(f"{path}: metadata differs from {MANIFEST}")
         if table.num_rows != entry["rows"]:
             raise ShardError(f"{path}: {table.num_rows} rows, manifest says {entry['rows']}")
-        for arr in table.column("latent").chunks:
-            if len(arr) == 0:
-                continue
-            bufs = arr.buffers()  # [validity, int32 offsets, data]
-            offsets = np.frombuffer(bufs[1], np.int32, count=len(arr) + 1, offset=arr.offset * 4)
-            lengths = np.diff(offsets)
-            if (lengths != row_bytes).any():
-                raise ShardError(f"{path}: latent bytes {int(lengths[lengths != row_bytes][0])} != {row_bytes} "
-                                 f"for {shape} {meta['dtype']}")
-            data = np.frombuffer(bufs[2], np.uint8)[offsets[0] : offsets[-1]]
-            latents.append(data.view(dtype).reshape(-1, *shape))
+        flat = _binary_rows(path, table.column("latent"), row_bytes, "latent bytes", f"{shape} {meta['dtype']}")
+        latents.append(flat.view(dtype).reshape(-1, *shape))
         labels.append(table.column("label").to_numpy().astype(np.int64))
-    x = np.concatenate(latents) if latents else np.zeros((0, *shape), dtype)  # a fresh, writable array
+    x = np.concatenate(latents)  # (N, C, h, w), a fresh, writable array
     y = np.concatenate(labels)
     if len(x) != manifest["count"]:
         raise ShardError(f"{split_dir}: {len(x)} rows, manifest says {manifest['count']}")
