@@ -6,6 +6,9 @@ step cache lives, where MLflow records go, which Ray cluster runs it, how each t
 scaled, and how the evaluation is done. It is validated like every config: unknown keys, wrong
 types and out-of-range values are one-line `ConfigError`s naming the key and the file.
 
+`pipeline.latent` (a frozen VAE, LatentSection) moves the experiment into latent space: it adds the `latent`
+step between `prepare` and `train_forward`, and the checkpoints record the VAE so samples decode to images.
+
 Worker counts are the training sections' own `num_workers` (0 = train in-process inside the step's
 task); the `pipeline.train_forward` / `pipeline.train_reverse` sections add what Ray Train needs on
 top (GPUs, resources per worker, tolerated failures).
@@ -89,6 +92,9 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: a pipeline file is YAML (.yaml or .yml)")
     cfg = load_yaml(path, PipelineConfig, list(overrides))
+    latent = cfg.pipeline.latent
+    if latent is not None and Path(latent.vae).expanduser().is_dir():  # a local VAE: absolute for Ray workers elsewhere
+        latent.vae = str(Path(latent.vae).expanduser().resolve())
     if cfg.data.name in ("imagefolder", "shards") and not cfg.data.source:
         what = "a class-per-folder image tree" if cfg.data.name == "imagefolder" else "a prepared shard directory"
         raise ConfigError(f"{path}: data.source is required for data.name={cfg.data.name} ({what}); "
