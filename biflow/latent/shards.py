@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from biflow.config import LatentConfig
 from biflow.data.shards import (
@@ -238,16 +239,18 @@ class _EncodeActor:
         return {"latent": latents, "label": np.asarray(batch["label"], np.int64), "path": batch["path"]}
 
 
-def _encode_in_process(src: Path, writer: LatentShardWriter, codec: LatentCodec, cfg: LatentConfig, batch_size: int) -> None:
+def _encode_in_process(src: Path, writer: LatentShardWriter, codec: LatentCodec, cfg: LatentConfig, batch_size: int,
+                       bar) -> None:
     from biflow.data import read_shards
 
     shards = read_shards(src)  # checks every file's sha256 against the manifest
     for lo in range(0, len(shards), batch_size):
         writer.add(encode_batch(codec, shards.images[lo : lo + batch_size], cfg.seed), shards.labels[lo : lo + batch_size])
+        bar.update(len(shards.labels[lo : lo + batch_size]))
 
 
 def _encode_on_ray(files: dict[str, LatentShardWriter], cfg: LatentConfig, image_shape: tuple[int, int, int],
-                   batch_size: int, use_gpu: bool, workers: int, num_cpus: float) -> None:
+                   batch_size: int, use_gpu: bool, workers: int, num_cpus: float, bar) -> None:
     """One Ray Data pass over every file (all splits: one actor pool); each row goes to its file's writer, in order."""
     import ray
     import ray.data
@@ -259,7 +262,8 @@ def _encode_on_ray(files: dict[str, LatentShardWriter], cfg: LatentConfig, image
     ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False  # rows come back in file order
     try:
         ds = ray.data.read_parquet(list(files), include_paths=True).select_columns(["image", "label", "path"])
-        ds = ds.map_batches(_EncodeActor, batch_size=batch_size, batch_format="numpy", concurrency=workers,
+        ds = ds.map_batches(_EncodeActor, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=workers),
                             num_gpus=1 if use_gpu else 0, num_cpus=num_cpus,
                             fn_constructor_kwargs=dict(spec=cfg.model_dump(), image_shape=image_shape,
                                                        device="cuda" if use_gpu else "cpu", threads=int(max(1, num_cpus))))
@@ -268,6 +272,7 @@ def _encode_on_ray(files: dict[str, LatentShardWriter], cfg: LatentConfig, image
             for path in dict.fromkeys(paths):  # the files of this batch, in order
                 rows = paths == path
                 files[path].add(batch["latent"][rows], batch["label"][rows])
+            bar.update(len(paths))
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
@@ -313,7 +318,7 @@ def encode_shards(
     if not pairs:
         raise ShardError(f"{src_dir}: no image shards (expected train/ and test/, or a manifest)")
     todo: list[tuple[Path, list[str], LatentShardWriter]] = []
-    image_shapes = set()
+    image_shapes, total = set(), 0
     for src, dst in pairs:
         manifest = read_manifest(src)
         smeta = manifest["meta"]
@@ -335,14 +340,17 @@ def encode_shards(
                 "codec": identity, "recipe": recipe}
         todo.append((src, [f["name"] for f in manifest["files"]], LatentShardWriter(dst, meta, rows_per_shard)))
         image_shapes.add((height, width, channels))
+        total += int(manifest["count"])
+    bar = tqdm(total=total, desc="VAE encoding", unit="img", disable=None if total else True)  # on a terminal only
     if todo and use_ray:
         if len(image_shapes) > 1:
             raise ShardError(f"{src_dir}: splits have different image shapes {sorted(image_shapes)}")
         files = {str(src / name): writer for src, names, writer in todo for name in names}
-        _encode_on_ray(files, cfg, image_shapes.pop(), batch_size, use_gpu, workers, num_cpus)
+        _encode_on_ray(files, cfg, image_shapes.pop(), batch_size, use_gpu, workers, num_cpus, bar)
     for src, _, writer in todo:
         if not use_ray:
-            _encode_in_process(src, writer, driver_codec, cfg, batch_size)
+            _encode_in_process(src, writer, driver_codec, cfg, batch_size, bar)
         done = writer.close()
         log.info("latents: encoded %d images of %s into %s", done["count"], src, writer.out_dir)
+    bar.close()
     return out_dir

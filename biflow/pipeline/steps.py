@@ -30,7 +30,7 @@ from biflow.pipeline.tracking import StepRun
 
 # Fields that change how a step is executed, not what it computes (kept out of step keys), per section.
 _TRAIN_EXECUTION = ("log_every", "ckpt_every", "num_workers")
-EXECUTION_ONLY = {"train_forward": _TRAIN_EXECUTION, "train_reverse": _TRAIN_EXECUTION,
+EXECUTION_ONLY = {"data": ("workers",), "train_forward": _TRAIN_EXECUTION, "train_reverse": _TRAIN_EXECUTION,
                   "pipeline.latent": ("batch_size", "use_gpu", "workers", "cpus", "local_files_only")}
 
 
