@@ -18,6 +18,18 @@ import biflow.commands as commands_pkg
 from biflow.errors import UserError
 
 
+def add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """--set KEY=VALUE, repeatable, into args.overrides (the same syntax in every command)."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_ray_address(p: argparse.ArgumentParser) -> None:
+    """--address of the Ray cluster a command runs on."""
+    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
+                   help="Ray cluster (host:port, ray://host:port or auto); default: pipeline.ray_address, "
+                        "else a local Ray started for this run")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="biflow", description="Bidirectional normalizing flows: train, sample, evaluate, run pipelines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from biflow.cli import add_overrides
 from biflow.config import ExperimentConfig, load_yaml
 
 HELP = "convert a dataset into Parquet shards (train/ and test/)"
@@ -10,8 +11,7 @@ HELP = "convert a dataset into Parquet shards (train/ and test/)"
 
 def add_arguments(p) -> None:
     p.add_argument("--config", type=Path, help="experiment YAML; its `data` section is used")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a data setting, e.g. --set name=patches --set image_size=32")
+    add_overrides(p, "override a data setting, e.g. --set name=patches --set image_size=32")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
 

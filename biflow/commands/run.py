@@ -3,19 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from biflow.cli import add_overrides, add_ray_address
+
 HELP = ("run a pipeline (prepare [-> latent] -> train_forward -> train_reverse -> evaluate -> report); "
         "cached steps are skipped")
 
 
 def add_arguments(p) -> None:
     p.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/digits.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train_reverse.steps=300 (changes only the affected steps' keys)")
+    add_overrides(p, "override a setting, e.g. --set train_reverse.steps=300 (changes only the affected steps' keys)")
     p.add_argument("--force", action="append", default=[], metavar="STEP",
                    help="rerun STEP and everything downstream even if cached (repeatable)")
-    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
-                   help="Ray cluster to use (host:port, ray://host:port or auto); default: pipeline.ray_address, "
-                        "else a local Ray started for this run")
+    add_ray_address(p)
 
 
 def run(args) -> int:

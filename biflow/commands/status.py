@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from biflow.cli import add_overrides
+
 HELP = "show which steps of a pipeline are cached and which would run"
 
 
 def add_arguments(p) -> None:
     p.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/digits.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="the same overrides you would pass to `biflow run`")
+    add_overrides(p, "the same overrides you would pass to `biflow run`")
     p.add_argument("--force", action="append", default=[], metavar="STEP", help="as `biflow run --force`")
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from biflow.cli import add_overrides, add_ray_address
+
 HELP = "sweep a search space (tune_spaces/*.yaml) over a pipeline with Ray Tune; FID/FD vs ms/image and the Pareto front in MLflow"
 
 
@@ -10,12 +12,10 @@ def add_arguments(p) -> None:
     p.add_argument("space", type=Path, help="search-space file, e.g. tune_spaces/inverse_loss.yaml")
     p.add_argument("--pipeline", type=Path, required=True, help="pipeline file whose upstream steps the trials share, "
                    "e.g. pipelines/digits.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a pipeline setting for the whole sweep, e.g. --set train_forward.steps=600")
+    add_overrides(p, "override a pipeline setting for the whole sweep, e.g. --set train_forward.steps=600")
     p.add_argument("--num-samples", type=int, default=None, metavar="N",
                    help="Tune num_samples (repeats of the grid, draws of the random axes); default: the space file's")
-    p.add_argument("--address", default=None, metavar="RAY_ADDRESS",
-                   help="Ray cluster (host:port, ray://host:port or auto); default: pipeline.ray_address, else a local Ray")
+    add_ray_address(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the latest interrupted run of this sweep (Tuner.restore); finished trials are kept")
     p.add_argument("--dry-run", action="store_true", help="validate the space against the pipeline, print the trials, run nothing")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from biflow.cli import add_overrides
 from biflow.config import ExperimentConfig, load_yaml
 from biflow.errors import UserError
 
@@ -16,8 +17,7 @@ def add_arguments(p) -> None:
                    help="forward: OUT/forward.pt; reverse: OUT/reverse.pt against --forward")
     p.add_argument("--forward", type=Path, help="stage 2: the trained forward checkpoint (default: OUT/forward.pt)")
     p.add_argument("--config", type=Path, help="experiment YAML (defaults: digits demo settings)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train_forward.steps=500 --set reverse_loss.strategy=naive_distillation")
+    add_overrides(p, "override a setting, e.g. --set train_forward.steps=500 --set reverse_loss.strategy=naive_distillation")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from biflow.cli import add_overrides
+
 HELP = "serve the MLflow UI (127.0.0.1) for the pipelines' tracking store"
 
 
@@ -13,7 +15,7 @@ def add_arguments(p) -> None:
     p.add_argument("pipeline", type=Path, nargs="?", default=None,
                    help="pipeline file whose store to show (default: the default store, runs/pipeline/mlflow.db, "
                         "or $MLFLOW_TRACKING_URI)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as `biflow run --set`")
+    add_overrides(p, "as `biflow run --set`")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1")
 
 
