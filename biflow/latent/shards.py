@@ -204,7 +204,7 @@ def latents_from_rows(batch: dict[str, np.ndarray], meta: dict[str, Any]) -> tup
     """
     shape, dtype = tuple(int(s) for s in meta["latent_shape"]), _NUMPY[meta["dtype"]]
     x = np.frombuffer(b"".join(batch["latent"]), dtype).reshape(-1, *shape)
-    return torch.from_numpy(x.astype(np.float32)), torch.as_tensor(batch["label"], dtype=torch.long)
+    return torch.from_numpy(x.astype(np.float32)), torch.tensor(batch["label"], dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------- encoding

@@ -193,7 +193,7 @@ def rows_to_model(job: StageJob) -> Callable[[dict[str, np.ndarray]], tuple[torc
 
     def images(b: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         x = np.frombuffer(bytearray(b"".join(b["image"])), np.uint8).reshape(-1, h, w, c)  # (B, H, W, C)
-        return to_model(x), torch.as_tensor(b["label"], dtype=torch.long)
+        return to_model(x), torch.tensor(b["label"], dtype=torch.long)
 
     return images
 
