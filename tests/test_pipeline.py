@@ -367,3 +367,18 @@ def test_object_store_storage_publishes_then_records_and_fetches_a_local_copy(tm
     shutil.rmtree(tmp_path / "local")  # another machine: outputs are downloaded on first use
     local = storage.fetch("step", "k1")
     assert (local / "sub" / "b.txt").read_text() == "hello" and local.is_relative_to(tmp_path / "local")
+
+
+def test_storage_tracking_and_artifact_locations_resolve_to_absolute_uris(tmp_path, monkeypatch):
+    from biflow.pipeline.spec import resolve_artifact_location, resolve_storage, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline(DIGITS, ["pipeline.storage=store"])
+    assert resolve_storage(cfg) == str(tmp_path / "store")
+    assert resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert resolve_artifact_location(cfg) == (tmp_path / "store" / "mlartifacts").as_uri()
+    for given in ("s3://bucket/biflow", "mlflow-artifacts:/biflow"):  # remote stores pass through unchanged
+        assert resolve_artifact_location(load_pipeline(DIGITS, [f"pipeline.artifact_location={given}"])) == given
+    assert resolve_artifact_location(load_pipeline(DIGITS, ["pipeline.artifact_location=arts"])) == \
+        (tmp_path / "arts").as_uri()

@@ -133,6 +133,7 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
 def resolve_artifact_location(cfg: PipelineConfig) -> str:
     loc = cfg.pipeline.artifact_location
     if loc:
-        return loc if is_uri(loc) else Path(loc).expanduser().resolve().as_uri()
+        remote = is_uri(loc) or loc.startswith("mlflow-artifacts:")  # the tracking server's proxied store: as given
+        return loc if remote else Path(loc).expanduser().resolve().as_uri()
     storage = resolve_storage(cfg)
     return f"{storage.rstrip('/')}/mlartifacts" if is_uri(storage) else (Path(storage) / "mlartifacts").as_uri()
