@@ -142,6 +142,7 @@ def test_a_run_records_parent_child_runs_metrics_and_artifacts_in_mlflow(first_r
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(children) == sorted(STEPS)
     assert all(r.info.status == "FINISHED" and r.data.tags["biflow.cache"] == "miss" for r in children.values())
+    assert all(len(r.data.tags["biflow.ray_node"]) == 56 for r in children.values())  # the Ray node that ran the step
     # the flat config as params, with stable dotted names
     assert parent.data.params["forward.size"] == "tiny" and parent.data.params["train_reverse.steps"] == "12"
     assert children["train_reverse"].data.params["reverse_loss.strategy"] == "hidden_alignment"

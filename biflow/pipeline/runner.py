@@ -126,8 +126,9 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
         if record is not None:  # a concurrent run of the same config finished it while we waited for the lock
             return {"status": "cached (concurrent run)", "record": record, "wall_s": time.perf_counter() - t0}
         parent: RunRef | None = payload["parent"]
-        run = start_child(parent, name, {"biflow.key": key, "biflow.cache": "miss", "biflow.host": socket.gethostname(),
-                                         "biflow.pid": os.getpid()}) if parent is not None else None
+        tags = {"biflow.key": key, "biflow.cache": "miss", "biflow.host": socket.gethostname(), "biflow.pid": os.getpid(),
+                "biflow.ray_node": _ray_node_id()}
+        run = start_child(parent, name, tags) if parent is not None else None
         try:
             if run is not None:
                 run.log_params(flatten(payload["step_config"]))
@@ -157,6 +158,13 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
 
 
 # ---------------------------------------------------------------------------- Ray
+def _ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): which machine of the cluster ran a step."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> bool:
     """Connect to `address`, or start a local Ray (dashboard on 127.0.0.1) with `resources` besides CPUs and GPUs.
     Returns whether we started one."""
