@@ -219,3 +219,20 @@ def test_a_sweep_whose_driver_died_is_closed_in_mlflow_by_the_next_invocation(tm
     assert tracker.client.get_run(child.run_id).info.status == "KILLED"
     assert tracker.client.get_run(child.run_id).data.tags["biflow.trial.status"] == "interrupted"
     assert json.loads((run_dir / "sweep.json").read_text())["status"] == "interrupted"
+
+
+def test_a_sweep_over_several_nodes_with_an_object_store_root_is_refused(tmp_path, monkeypatch):
+    """Tune's state and trial checkpoints would sit on the driver's disk, out of reach of the other nodes."""
+    import ray
+
+    from biflow.errors import UserError
+    from biflow.pipeline.cache import Storage
+    from biflow.sweep.runner import check_sweep_storage
+
+    remote = Storage(f"file://{tmp_path / 'remote'}", local_dir=str(tmp_path / "local"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    with pytest.raises(UserError, match="a sweep on 2 nodes needs a shared filesystem"):
+        check_sweep_storage(remote)
+    check_sweep_storage(Storage(str(tmp_path / "nfs")))  # a shared path is fine on many nodes
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    check_sweep_storage(remote)  # and an object store on one machine

@@ -96,6 +96,18 @@ def connect(address: str | None) -> bool:
     return connect_ray(address, resources={TRAIN_DRIVER: 64})
 
 
+def check_sweep_storage(storage: Storage) -> None:
+    """A sweep keeps Tune's state and trial checkpoints under the storage root, or, for an object-store root, on
+    the driver's disk: several nodes then cannot share them, so that is refused rather than losing trials' work."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not storage.is_local and len(nodes) > 1:
+        raise UserError(f"pipeline.storage {storage.root}: a sweep on {len(nodes)} nodes needs a shared filesystem "
+                        "root (an NFS path mounted everywhere); object-store roots work for `biflow run`, and for "
+                        "sweeps on one machine")
+
+
 def trial_resources(space: Space, cfg) -> tuple[dict[str, float], int]:
     """(Tune resources of one trial, how many fit at once)."""
     import ray
@@ -189,6 +201,7 @@ def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list
     started = False
     try:
         started = connect(address or cfg.pipeline.ray_address)
+        check_sweep_storage(storage)
         result = _run(space, cfg, base, n, storage, parent, run_dir, state, resume, result, echo, listener)
     except BaseException as err:
         _end_open_trials(parent, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
