@@ -137,3 +137,13 @@ def test_inpainting_and_class_editing_run_in_latent_space_on_images(latent_run, 
                          "--num", "3", "--out", str(out))
     assert code == 0
     assert np.load(out)["images"].shape == (3, 16, 16, 3)  # encoded with the VAE, decoded back to RGB
+
+
+def test_biflow_eval_scores_decoded_samples_of_a_latent_checkpoint(latent_run, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code, stdout, _ = run_cli(capsys, "eval", str(only(latent_run / "train_reverse") / "reverse.pt"), "--num", "16",
+                              "--batch", "8", "--repeats", "1", "--cache-dir", str(tmp_path / "metrics"), "--out", str(out))
+    assert code == 0 and "decode_ms_per_image" in stdout
+    result = json.loads(out.read_text())
+    assert result["nfe"] == 1 and result["decode_ms_per_image"] > 0 and result["num_samples"] == 16
+    assert result["fd_evaluator"] >= 0  # against the 16x16 RGB training images, not latents
