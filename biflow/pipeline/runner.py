@@ -23,7 +23,8 @@ from biflow.errors import UserError
 from biflow.pipeline.cache import Storage, code_version, step_key
 from biflow.pipeline.spec import (PipelineConfig, resolve_artifact_location, resolve_storage,
                                   resolve_tracking_uri)
-from biflow.pipeline.steps import ORDER, STEPS, StepContext, active_steps, downstream
+from biflow.pipeline.context import StepContext
+from biflow.pipeline.steps import ORDER, STEPS, active_steps, downstream
 from biflow.pipeline.tracking import RunRef, StepRun, Tracker, start_child
 
 

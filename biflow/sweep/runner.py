@@ -274,7 +274,8 @@ def _run(space: Space, cfg, base, n, storage: Storage, parent: StepRun, run_dir:
 
     from ray import tune
 
-    from biflow.pipeline.steps import data_dir, metrics_cache
+    from biflow.pipeline.context import data_dir
+    from biflow.pipeline.evaluation import metrics_cache
 
     driver_cfg = space.trial_config(base, {}, "sweep")  # the pipeline + the space's fixed settings
     exec_base = copy.deepcopy(base)
@@ -393,7 +394,8 @@ def _start_reference(space: Space, cfg, ctx, storage: Storage, run_dir: Path, ec
     """The shared forward flow's exact sampler, scored once (a Ray task beside the trials); cached in the run dir."""
     import ray
 
-    from biflow.pipeline.steps import data_dir, score_sampler
+    from biflow.pipeline.context import data_dir
+    from biflow.pipeline.evaluation import score_sampler
 
     cached = run_dir / "exact.json"
     if cached.is_file():

@@ -156,7 +156,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     import ray.tune
 
     from biflow.pipeline.raytrain import StageJob
-    from biflow.pipeline.steps import data_dir, train_uri
+    from biflow.pipeline.context import data_dir, train_uri
     from biflow.sweep.upstream import forward_checkpoint, resolve_upstream, step_context
     from biflow.training.loop import resolve_device
 
@@ -261,7 +261,7 @@ def _train_on_ray_train(job, cfg, setup: TrialSetup, trial_id: str, val_batch) -
 # ------------------------------------------------------------------- scoring
 def sampler_spec(sampler: str, checkpoint: Path, cfg, data_dir: str | Path, storage: Storage, threads: int) -> dict[str, Any]:
     """The pipeline evaluate step's per-sampler spec (score_sampler), from the trial's evaluate settings."""
-    from biflow.pipeline.steps import metrics_cache
+    from biflow.pipeline.evaluation import metrics_cache
 
     ev = cfg.pipeline.evaluate
     return dict(sampler=sampler, checkpoint=str(checkpoint), data_dir=str(data_dir), cache_dir=str(metrics_cache(storage)),
@@ -280,7 +280,7 @@ def final_scores(ckpt: Path, cfg, data_dir: str | Path, storage: Storage, thread
     import numpy as np
 
     from biflow.data import save_grid
-    from biflow.pipeline.steps import score_sampler
+    from biflow.pipeline.evaluation import score_sampler
 
     res = score_sampler(sampler_spec(sampler, ckpt, cfg, data_dir, storage, threads))
     grid = res.pop("grid")

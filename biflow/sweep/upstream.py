@@ -15,7 +15,8 @@ from typing import Any
 from biflow.pipeline.cache import Storage
 from biflow.pipeline.runner import Planned, execute_step, plan
 from biflow.pipeline.spec import PipelineConfig
-from biflow.pipeline.steps import STEPS, StepContext
+from biflow.pipeline.context import StepContext
+from biflow.pipeline.steps import STEPS
 from biflow.pipeline.tracking import RunRef
 
 UPSTREAM = ("prepare", "train_forward")
