@@ -383,3 +383,16 @@ def test_storage_tracking_and_artifact_locations_resolve_to_absolute_uris(tmp_pa
         assert resolve_artifact_location(load_pipeline(DIGITS, [f"pipeline.artifact_location={given}"])) == given
     assert resolve_artifact_location(load_pipeline(DIGITS, ["pipeline.artifact_location=arts"])) == \
         (tmp_path / "arts").as_uri()
+
+
+def test_gpu_settings_on_a_local_ray_without_gpus_are_a_one_line_error_not_a_hang():
+    from biflow.errors import UserError
+    from biflow.pipeline.runner import check_local_gpus, gpu_settings
+
+    cfg = load_pipeline(DIGITS, [*TINY, "pipeline.train_reverse.use_gpu=true", "pipeline.evaluate.gpus=1"])
+    assert gpu_settings(cfg, ["prepare", "train_forward", "train_reverse", "evaluate"]) == \
+        ["pipeline.train_reverse.use_gpu", "pipeline.evaluate.gpus"]
+    assert gpu_settings(cfg, ["prepare", "train_forward"]) == []  # cached GPU steps ask for nothing
+    with pytest.raises(UserError, match=r"pipeline.train_reverse.use_gpu, pipeline.evaluate.gpus asks for a GPU"):
+        check_local_gpus(cfg, ["train_reverse", "evaluate"], gpus=0)
+    check_local_gpus(cfg, ["train_reverse", "evaluate"], gpus=1)

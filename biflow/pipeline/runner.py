@@ -207,6 +207,24 @@ def _check_ray_address(address: str) -> None:
 
 
 # ------------------------------------------------------------------------ running
+def gpu_settings(cfg: PipelineConfig, steps: list[str]) -> list[str]:
+    """The settings by which these steps ask for GPUs."""
+    pipe = cfg.pipeline
+    asks = {"latent": ["pipeline.latent.use_gpu"] if pipe.latent is not None and pipe.latent.use_gpu else [],
+            "evaluate": ["pipeline.evaluate.gpus"] if pipe.evaluate.gpus > 0 else []}
+    for stage in ("train_forward", "train_reverse"):
+        scaling = getattr(pipe, stage)
+        asks[stage] = [f"pipeline.{stage}.use_gpu"] if scaling.use_gpu or scaling.resources_per_worker.get("GPU") else []
+    return [setting for step in steps for setting in asks.get(step, [])]
+
+
+def check_local_gpus(cfg: PipelineConfig, steps: list[str], gpus: float) -> None:
+    wanted = gpu_settings(cfg, steps)
+    if wanted and gpus < 1:
+        raise UserError(f"{', '.join(wanted)} asks for a GPU, but the local Ray sees none on this machine: set it "
+                        "false (or 0), or run on a GPU cluster with --address")
+
+
 def _row(o: Outcome) -> str:
     cpu = (o.record or {}).get("cpu_s") if o.status == "ran" else None
     cpu = f"{cpu:8.1f} s" if cpu is not None else " " * 10
@@ -230,6 +248,8 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
         from biflow.cluster.storage import check_cluster
 
         check_cluster(storage.root, tracker.uri)  # multi-node: node-local storage or sqlite is a one-line error
+        if started:  # a local Ray cannot grow: GPU tasks on a machine without one would wait forever
+            check_local_gpus(cfg, [p.name for p in steps if p.will_run], ray.cluster_resources().get("GPU", 0))
     result = PipelineResult()
     parent = tracker.start_parent(f"{label} {time.strftime('%Y-%m-%d %H:%M:%S')}", flatten(cfg),
                                   {"biflow.pipeline": label, "biflow.storage": storage.root,
