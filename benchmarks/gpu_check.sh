@@ -5,7 +5,8 @@
 #
 #   1. environment: GPU name, torch/CUDA versions; wheels from .whl/ (if present) into /tmp/site
 #   2. pytest -m gpu tests/test_gpu.py   bf16 autocast steps, KV-cache sampler CUDA == CPU, CUDA-graph
-#                                        inverse == eager, torch.compile training, FLOP counter, VAE on CUDA
+#                                        inverse == eager, torch.compile training, FLOP counter, VAE on CUDA,
+#                                        a bf16 latent stage-2 step with the perceptual loss through the VAE
 #   3. benchmarks/bench.py at the paper's geometry and B/2 sizes (32x32x4 latent, patch 2, 256 tokens;
 #      forward 'B' ~121M, reverse 'B' ~129M, 1000 classes), batches 1 and 64: training images/s of both
 #      stages, 1-NFE and exact ms/image (guidance, denoising), ratios, 1-NFE FLOP/s vs the matmul peak

@@ -173,3 +173,36 @@ def test_latent_codec_on_cuda_bf16_channels_last(tmp_path):
         ref, got = cpu.encode(x), gpu.encode(x).cpu()
         assert gpu.decode(got.cuda()).shape == (2, 3, 32, 32)
     torch.testing.assert_close(got, ref, atol=0.02 * ref.abs().max().item(), rtol=0.02)  # bf16: ~3 significant digits
+
+
+def perceptual_latent_step(device: str, amp: bool, tmp_path) -> tuple[dict, Trainer]:
+    """One stage-2 optimiser step on 4x4x4 latents with the perceptual loss through a tiny VAE's decoder."""
+    from biflow.config import LatentConfig, ReverseConfig, ReverseLossConfig
+    from biflow.latent import LatentCodec, tiny_vae
+    from biflow.models import ForwardFlow, ReverseModel
+    from biflow.objectives.perceptual import build_perceptual
+    from biflow.objectives.reverse import reverse_step
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    codec = LatentCodec.load(LatentConfig(vae=str(tmp_path / "vae"), dtype="bfloat16" if amp else "float32"), device)
+    torch.manual_seed(0)
+    flow = ForwardFlow("tiny", image_size=4, patch_size=2, in_channels=4, num_classes=3, noise_std=0.3)
+    flow = flow.to(device).eval().requires_grad_(False)
+    loss_cfg = ReverseLossConfig(perceptual=0.5)
+    pnet = build_perceptual(loss_cfg).to(device)
+    trainer = Trainer(ReverseModel(ReverseConfig.for_flow(flow.cfg, size="tiny")),
+                      TrainConfig(steps=2, batch_size=8, amp=amp, device=device), tmp_path / "t.pt", {})
+    x, y = torch.randn(8, 4, 4, 4, device=device), torch.randint(0, 3, (8,), device=device)
+    out = trainer.train_step(lambda m, xb, yb: reverse_step(flow, m, xb, yb, loss_cfg, pnet, decoder=codec.decode), x, y)
+    assert all(p.grad is None for p in codec.parameters())  # the VAE stays frozen
+    return out, trainer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_bf16_stage_2_step_with_the_perceptual_loss_through_the_vae_decoder(tmp_path):
+    """Latent-space stage 2 as the paper-scale pipeline runs it: bf16 autocast, a bf16 channels_last VAE decoder."""
+    pytest.importorskip("diffusers", reason="diffusers is not installed (optional extra: pip install -e '.[latent]')")
+    out, trainer = perceptual_latent_step("cuda", True, tmp_path)
+    assert out["perceptual"] > 0 and abs(out["loss"]) < 1e6
+    assert all(p.dtype == torch.float32 for p in trainer.net.parameters())
