@@ -129,30 +129,32 @@ def _log_fn(run: StepRun | None, label: str) -> Callable[[int, dict[str, float]]
 
 
 # ------------------------------------------------------------------ in-process
-def split_batches(job: StageJob, split: str) -> Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """One split of the job's data in memory -> batches(batch_size, seed): endless shuffled (x, y) in model space."""
-    if job.latent is not None:
-        from biflow.latent import latent_batches, load_latent_split
-
-        latents = load_latent_split(job.data_dir, split)
-        return lambda batch_size, seed: latent_batches(latents, batch_size, seed)
-    from biflow.data import batches, load_split
-
-    images = load_split(job.data_dir, split)
-    return lambda batch_size, seed: batches(images, batch_size, seed)
-
-
-def load_training_split(job: StageJob, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in model space, in file order: (x float32 (N, C, H, W): pixels in [-1, 1] or latents, y (N,))."""
+def stored_split(job: StageJob, split: str) -> tuple[np.ndarray, np.ndarray, Callable[[torch.Tensor], torch.Tensor]]:
+    """One split of the job's data as stored: (uint8 images (N, H, W, C) or latents (N, C, h, w), labels (N,), to_model)
+    where to_model turns stored rows into model space, float32 (N, C, H, W)."""
     if job.latent is not None:
         from biflow.latent import load_latent_split
 
         latents = load_latent_split(job.data_dir, split)
-        return torch.from_numpy(latents.latents.astype(np.float32)), torch.as_tensor(latents.labels)
+        return latents.latents, latents.labels, lambda t: t.float()
     from biflow.data import load_split, to_model
 
     images = load_split(job.data_dir, split)
-    return to_model(images.images), torch.as_tensor(images.labels)
+    return images.images, images.labels, to_model
+
+
+def split_batches(job: StageJob, split: str) -> Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """One split in memory -> batches(batch_size, seed): endless shuffled (x, y) in model space (the `batches` contract)."""
+    from biflow.data.transforms import shuffled_batches
+
+    data, labels, to_model = stored_split(job, split)
+    return lambda batch_size, seed: shuffled_batches(data, labels, batch_size, seed, transform=to_model)
+
+
+def load_training_split(job: StageJob, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in model space, in file order: (x float32 (N, C, H, W): pixels in [-1, 1] or latents, y (N,))."""
+    data, labels, to_model = stored_split(job, split)
+    return to_model(torch.from_numpy(np.ascontiguousarray(data))), torch.as_tensor(labels)
 
 
 def train_in_process(job: StageJob, threads: int | None = None) -> tuple[Path, dict[str, Any]]:
