@@ -255,7 +255,7 @@ def _stack(images: Iterator[np.ndarray], bar: tqdm) -> np.ndarray:
     return np.stack(out)
 
 
-def _tree_fingerprint(root: Path) -> str:
+def tree_fingerprint(root: Path) -> str:
     """sha256 of (relative path, size, mtime) of every file: changes when the tree does."""
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -277,11 +277,11 @@ def _settings(cfg: DataConfig) -> dict:
     return cfg.model_dump(exclude=EXECUTION_ONLY)
 
 
-def _recipe(cfg: DataConfig) -> dict:
+def data_recipe(cfg: DataConfig) -> dict:
     """What a prepared directory was built from; a directory is reused only if this matches."""
     recipe = {"builder_version": BUILD_VERSION, **_settings(cfg)}
     if cfg.name == "imagefolder" and cfg.source and Path(cfg.source).expanduser().is_dir():
-        recipe["source_fingerprint"] = _tree_fingerprint(Path(cfg.source).expanduser())
+        recipe["source_fingerprint"] = tree_fingerprint(Path(cfg.source).expanduser())
     return recipe
 
 
@@ -328,7 +328,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> Path:
             read_shards(root / split)
         return root
     out_dir = Path(out_dir)
-    recipe = _recipe(cfg)
+    recipe = data_recipe(cfg)
     if _is_prepared(out_dir, recipe):
         log.info("data: %s already prepared (%s)", out_dir, cfg.name)
         return out_dir

@@ -64,19 +64,19 @@ class StepDef:
 def _data_identity(cfg: PipelineConfig) -> dict[str, Any]:
     """What the prepared shards are made of: the builder recipe (with the image tree's fingerprint), or user shards' hashes."""
     from biflow.data import read_manifest
-    from biflow.data.builtin import SPLITS, _recipe
+    from biflow.data.builtin import SPLITS, data_recipe
 
     if cfg.data.name == "shards":
         return {split: read_manifest(Path(cfg.data.source).expanduser() / split)["content_hash"] for split in SPLITS}
-    return _recipe(cfg.data)
+    return data_recipe(cfg.data)
 
 
 def _vae_identity(cfg: PipelineConfig) -> dict[str, Any]:
     """The VAE's files (path, size, mtime: a replaced checkpoint re-encodes), or the hub id as given."""
-    from biflow.data.builtin import _tree_fingerprint
+    from biflow.data.builtin import tree_fingerprint
 
     path = Path(cfg.pipeline.latent.vae).expanduser()
-    return {"vae_files": _tree_fingerprint(path) if path.is_dir() else None}
+    return {"vae_files": tree_fingerprint(path) if path.is_dir() else None}
 
 
 def _training_resources(section: str) -> Callable[[PipelineConfig], dict[str, Any]]:
