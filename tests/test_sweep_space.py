@@ -15,7 +15,7 @@ from biflow.config import ConfigError
 from biflow.pipeline.spec import load_pipeline
 from biflow.sweep.report import ablation_table, best_pipeline, best_trial, mark_pareto, pareto_front
 from biflow.sweep.runner import raw_pipeline, uses_base_forward
-from biflow.sweep.space import load_space
+from biflow.sweep.loading import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "pipelines" / "digits.yaml"

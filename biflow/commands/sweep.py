@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from biflow.sweep.runner import describe, raw_pipeline, run_sweep
-    from biflow.sweep.space import load_space
+    from biflow.sweep.loading import load_space
 
     if args.dry_run:
         _, base = raw_pipeline(args.pipeline, args.overrides)

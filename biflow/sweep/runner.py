@@ -36,7 +36,8 @@ from biflow.sweep import tracking as sweep_tracking
 from biflow.sweep.report import write_text
 from biflow.sweep.results import (SweepResult, collect, end_open_trials, finish_reference, start_reference,
                                   time_samplers, write_report)
-from biflow.sweep.space import FORWARD_SECTIONS, Space, load_space
+from biflow.sweep.loading import load_space
+from biflow.sweep.space import FORWARD_SECTIONS, Space
 from biflow.sweep.tracking import KIND, TrialRuns
 from biflow.sweep.trial import TrialSetup, run_trial
 from biflow.sweep.upstream import resolve_upstream, step_context
