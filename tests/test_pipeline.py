@@ -396,3 +396,26 @@ def test_gpu_settings_on_a_local_ray_without_gpus_are_a_one_line_error_not_a_han
     with pytest.raises(UserError, match=r"pipeline.train_reverse.use_gpu, pipeline.evaluate.gpus asks for a GPU"):
         check_local_gpus(cfg, ["train_reverse", "evaluate"], gpus=0)
     check_local_gpus(cfg, ["train_reverse", "evaluate"], gpus=1)
+
+
+def test_a_stage_trains_to_the_same_weights_whatever_its_process_ran_before(tmp_path):
+    """Ray reuses worker processes: the initial weights must come from the config's seed, not the RNG's history."""
+    import dataclasses
+
+    import torch
+
+    from biflow.checkpoint import read_checkpoint
+    from biflow.data import prepare, read_manifest
+    from biflow.pipeline.raytrain import StageJob, train_in_process
+
+    cfg = load_pipeline(DIGITS, [*TINY, "train_forward.steps=3"])
+    data = prepare(cfg.data, tmp_path / "data")
+    manifest = read_manifest(data / "train")
+    job = StageJob("forward", cfg.model_dump(exclude={"pipeline"}), str(data), str(data / "train"), manifest["meta"],
+                   manifest["content_hash"], str(tmp_path / "a"))
+    states = []
+    for work, noise in (("a", 1), ("b", 1000)):
+        torch.randn(noise)  # whatever ran before in this process
+        ckpt, _ = train_in_process(dataclasses.replace(job, work_dir=str(tmp_path / work)), threads=1)
+        states.append(read_checkpoint(ckpt)["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -71,6 +71,7 @@ class _DDP(DistributedDataParallel):
 def build_stage(job: StageJob, device: torch.device):
     """-> (model, step_fn, meta, desc) for one stage; geometry comes from the data (forward) or the flow (reverse)."""
     cfg = ExperimentConfig.model_validate(job.config)
+    torch.manual_seed(job.train_cfg.seed)  # initial weights from the config's seed, not from what the process ran before
     meta = {"data": cfg.data.model_dump(), "data_dir": job.data_dir, "data_hash": job.data_hash}
     if job.latent is not None:  # samples are decoded with this VAE; evaluation compares them with these images
         meta.update(latent=job.latent["codec"], latent_dir=job.data_dir, latent_hash=job.data_hash,

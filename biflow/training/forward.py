@@ -66,6 +66,7 @@ def train_forward(cfg: ExperimentConfig, out_dir: str | Path, on_log: Callable |
     data_dir = prepare(cfg.data, out_dir / "data")
     train = load_split(data_dir, "train")
     fcfg = with_geometry(cfg.forward, train.meta)
+    torch.manual_seed(cfg.train_forward.seed)  # reproducible initial weights
     flow = ForwardFlow(fcfg)
     ckpt = out_dir / "forward.pt"
     meta = {"data": cfg.data.model_dump(), "data_dir": str(Path(data_dir).resolve()), "data_hash": train.content_hash}

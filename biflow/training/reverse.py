@@ -36,6 +36,7 @@ def train_reverse(cfg: ExperimentConfig, out_dir: str | Path, forward_ckpt: str 
     tcfg = cfg.train_reverse
     device = resolve_device(tcfg.device)
     flow = frozen_flow(forward_ckpt, device)
+    torch.manual_seed(tcfg.seed)  # reproducible initial weights
     reverse = ReverseModel(reverse_config_for(cfg.reverse, flow))
     loss_cfg = cfg.reverse_loss
     pnet = build_perceptual(loss_cfg).to(device) if loss_cfg.perceptual > 0 else None
