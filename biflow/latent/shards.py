@@ -44,18 +44,18 @@ import torch
 from tqdm import tqdm
 
 from biflow.config import LatentConfig
-from biflow.data.shards import (
+from biflow.data.parts import (
     MANIFEST,
     LabelledSplit,
     PartWriter,
     ShardError,
-    _binary_chunks,
-    _binary_rows,
-    _content_hash,
-    _dumps,
-    _read_table,
+    binary_chunks,
+    binary_rows,
     check_labels,
+    content_hash,
+    dumps,
     load_manifest,
+    read_table,
 )
 from biflow.data.transforms import shuffled_batches
 from biflow.latent.vae import LatentCodec, _as_config
@@ -98,7 +98,7 @@ class LatentShardWriter(PartWriter):
         self.shape = tuple(int(s) for s in meta["latent_shape"])  # (C, h, w)
         self.dtype = _NUMPY[meta["dtype"]]
         row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        super().__init__(out_dir, SCHEMA, json.loads(_dumps(meta)), row_bytes, rows_per_shard)
+        super().__init__(out_dir, SCHEMA, json.loads(dumps(meta)), row_bytes, rows_per_shard)
         self._sum = np.zeros(self.shape[0], np.float64)  # per channel, over the stored values
         self._sumsq = np.zeros(self.shape[0], np.float64)
 
@@ -115,7 +115,7 @@ class LatentShardWriter(PartWriter):
         self._append(stored, labels)
 
     def _table(self, values: np.ndarray, labels: np.ndarray) -> pa.Table:
-        return pa.Table.from_arrays([_binary_chunks(values, max(1, len(values))), pa.array(labels)], schema=self.schema)
+        return pa.Table.from_arrays([binary_chunks(values, max(1, len(values))), pa.array(labels)], schema=self.schema)
 
     def manifest_meta(self) -> dict[str, Any]:
         """The parts' meta plus count and per-channel stats (mean, std) of the stored latents."""
@@ -150,7 +150,7 @@ def read_latent_shards(split_dir: str | Path) -> LatentSet:
     latents, labels = [], []
     for entry in manifest["files"]:
         path = split_dir / entry["name"]
-        table, digest = _read_table(path)
+        table, digest = read_table(path)
         if digest != entry["sha256"]:
             raise ShardError(f"{path}: content differs from {MANIFEST} (sha256 mismatch); encode again")
         if [(f.name, f.type) for f in table.schema] != [(f.name, f.type) for f in SCHEMA]:
@@ -160,7 +160,7 @@ def read_latent_shards(split_dir: str | Path) -> LatentSet:
             raise ShardError(f"{path}: metadata differs from {MANIFEST}")
         if table.num_rows != entry["rows"]:
             raise ShardError(f"{path}: {table.num_rows} rows, manifest says {entry['rows']}")
-        flat = _binary_rows(path, table.column("latent"), row_bytes, "latent bytes", f"{shape} {meta['dtype']}")
+        flat = binary_rows(path, table.column("latent"), row_bytes, "latent bytes", f"{shape} {meta['dtype']}")
         latents.append(flat.view(dtype).reshape(-1, *shape))
         labels.append(table.column("label").to_numpy().astype(np.int64))
     x = np.concatenate(latents)  # (N, C, h, w), a fresh, writable array
@@ -169,7 +169,7 @@ def read_latent_shards(split_dir: str | Path) -> LatentSet:
         raise ShardError(f"{split_dir}: {len(x)} rows, manifest says {manifest['count']}")
     if y.size and (y.min() < 0 or y.max() >= int(meta["num_classes"])):
         raise ShardError(f"{split_dir}: labels span [{y.min()}, {y.max()}], num_classes is {meta['num_classes']}")
-    if _content_hash(manifest["files"]) != manifest["content_hash"]:
+    if content_hash(manifest["files"]) != manifest["content_hash"]:
         raise ShardError(f"{split_dir / MANIFEST}: content_hash does not match its file list")
     return LatentSet(latents=x, labels=y, meta=meta, content_hash=manifest["content_hash"])
 
