@@ -230,6 +230,20 @@ def _one_line(err: ValidationError, where: str) -> str:
     return f"{where}: {key}: {msg}{extra}"
 
 
+def read_yaml_mapping(path: str | Path, what: str = "file") -> dict:
+    """A YAML file whose top level is a mapping (safe_load); a missing file or bad YAML is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def validate(model: type[BaseModel], data: dict, where: str = "config"):
     """Build `model` from a dict; any problem becomes a one-line ConfigError."""
     try:
@@ -242,15 +256,7 @@ def load_yaml(path: str | Path | None, model: type[BaseModel] = ExperimentConfig
     """Load and validate a YAML config (None: all defaults); `overrides` are `a.b=value` strings (YAML-parsed)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "config file")
         data = {k: {} if v is None else v for k, v in data.items()}  # an empty `section:` means its defaults
     for item in overrides:
         set_dotted(data, item)

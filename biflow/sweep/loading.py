@@ -8,9 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from biflow.config import ConfigError, validate
+from biflow.config import ConfigError, read_yaml_mapping, validate
 from biflow.sweep.space import (DISTRIBUTIONS, EXACT_CASE, MAX_COMBINATIONS, SWEEPABLE_EVALUATE, Param, Space, SpaceFile,
                                 sweepable_keys)
 
@@ -83,14 +81,7 @@ def load_space(path: str | Path, base: dict[str, Any] | None = None) -> Space:
     """Load and validate a space file; with `base` (raw pipeline data) also every value a trial can take."""
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "space file")
     raw = {k: ({} if v is None and k in ("fixed", "evaluate", "scheduler", "params") else v) for k, v in raw.items()}
     spec = validate(SpaceFile, raw, where)
     keys = sweepable_keys()

@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from biflow.config import ConfigError, flatten, set_dotted
+from biflow.config import ConfigError, flatten, read_yaml_mapping, set_dotted
 from biflow.errors import UserError
 from biflow.pipeline.cache import Storage, digest
 from biflow.pipeline.spec import load_pipeline, resolve_artifact_location, resolve_tracking_uri
@@ -51,8 +49,7 @@ def raw_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Any, dict
     """(validated PipelineConfig, the file's raw data with the overrides applied): trials are built from the raw data,
     so a swept `size` still fills the fields the file leaves out."""
     cfg = load_pipeline(path, overrides)
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    data = {k: {} if v is None else v for k, v in data.items()}
+    data = {k: {} if v is None else v for k, v in read_yaml_mapping(path, "pipeline file").items()}
     for item in overrides:
         set_dotted(data, item)
     return cfg, data
