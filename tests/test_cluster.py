@@ -1,6 +1,6 @@
 """A real two-node Ray cluster and a real MLflow server on this machine (loopback only), driven like a user would.
 
-The cluster (biflow.cluster.local.LocalCluster): a head and a second node, each its own `ray start`
+The cluster (tests/support/local_cluster.py, LocalCluster): a head and a second node, each its own `ray start`
 process group with one CPU, distinct loopback IPs and ports, token authentication on; an MLflow
 server with a sqlite database and proxied artifacts. One tiny digits pipeline is submitted with
 `biflow submit` (stage 1 on a 2-worker TorchTrainer, so training spans both nodes), and the second
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from biflow.cluster.local import LocalCluster, ray_start_works
+from tests.support.local_cluster import LocalCluster, ray_start_works
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 

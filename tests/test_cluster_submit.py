@@ -15,7 +15,7 @@ import pytest
 from biflow.cli import main
 from biflow.cluster import auth, jobs, storage
 from biflow.cluster.dashboard import ClusterError, Dashboard, resolve_address
-from biflow.cluster.local import free_port
+from tests.support.processes import free_port
 from biflow.commands.submit import job_command
 from biflow.errors import UserError
 

@@ -2,7 +2,8 @@
 
 For the cluster tests and for trying `biflow submit` without Docker:
 
-    python -m biflow.cluster.local --workers 1        # prints the dashboard, MLflow and token; Ctrl-C tears down
+    python -m tests.support.local_cluster --workers 1   # from the repository root; prints the dashboard,
+                                                        # MLflow and the token; Ctrl-C tears everything down
 
 Each node is its own `ray start --block` process group with its own temp dir and ports, so several
 such clusters (and other people's `ray.init()` clusters) coexist, and tearing one down kills exactly
@@ -23,92 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from biflow.errors import UserError
 
+from .processes import Node, free_port, free_port_range, stop_group, stop_process_group, tail, wait_http
+
 BIN = Path(sys.executable).parent  # ray, mlflow and biflow of this environment
 HEAD_IP = "127.0.0.2"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(size: int, host: str = "127.0.0.1", lo: int = 20000, hi: int = 32000) -> tuple[int, int]:
-    """`size` consecutive ports that are free right now (Ray's worker processes take one each)."""
-    rng = secrets.SystemRandom()
-    for _ in range(200):
-        start = rng.randrange(lo, hi - size)
-        ok = True
-        for port in range(start, start + size):
-            with socket.socket() as s:
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start, start + size - 1
-    raise UserError(f"no {size} consecutive free ports between {lo} and {hi}")
-
-
-@dataclass
-class Node:
-    name: str
-    ip: str
-    proc: subprocess.Popen
-    temp_dir: Path
-    log: Path
-    resources: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def processes(self):
-        """psutil.Process of this node: `ray start` and everything under it (raylet, GCS, workers, agents)."""
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def raylet_pid(self) -> int | None:
-        return next((p.pid for p in self.processes() if _name(p) == "raylet"), None)
-
-
-def _name(proc) -> str:
-    try:
-        return proc.name()
-    except Exception:  # noqa: BLE001 - gone meanwhile
-        return ""
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"{what} exited with code {proc.returncode} while starting; last lines of {log}:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=3):
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    raise UserError(f"{what} did not answer {url} within {timeout:.0f} s; last lines of {log}:\n{_tail(log)}")
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 class LocalCluster:
@@ -185,7 +108,7 @@ class LocalCluster:
             for attempt in range(attempts):
                 head = self._start_node(head=True, cpus=self.head_cpus, resources=self.head_resources)
                 try:
-                    _wait_http(f"{self.dashboard}/api/gcs_healthz", timeout, head.proc, "the Ray head", head.log)
+                    wait_http(f"{self.dashboard}/api/gcs_healthz", timeout, head.proc, "the Ray head", head.log)
                     break
                 except UserError:
                     if head.proc.poll() is None or attempt == attempts - 1:
@@ -205,11 +128,11 @@ class LocalCluster:
                         started[i] = self._start_node(head=False, cpus=specs[i][0], resources=specs[i][1], ip=node.ip)
                         retries[i] -= 1
                 if time.monotonic() > deadline:
-                    logs = "\n".join(f"--- {n.log}\n{_tail(n.log, 8)}" for n in self.nodes)
+                    logs = "\n".join(f"--- {n.log}\n{tail(n.log, 8)}" for n in self.nodes)
                     raise UserError(f"{len(self._alive_nodes())} of {1 + len(specs)} Ray nodes alive after {timeout:.0f} s\n{logs}")
                 time.sleep(1)
             if self.mlflow_proc is not None:
-                _wait_http(f"{self.tracking_uri}/health", timeout, self.mlflow_proc, "the MLflow server", self.root / "mlflow.log")
+                wait_http(f"{self.tracking_uri}/health", timeout, self.mlflow_proc, "the MLflow server", self.root / "mlflow.log")
         except BaseException:
             self.stop(keep_logs=True)
             raise
@@ -282,7 +205,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while len(alive := self._alive_nodes()) < count:
             if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {n.log}\n{_tail(n.log, 8)}" for n in self.nodes)
+                logs = "\n".join(f"--- {n.log}\n{tail(n.log, 8)}" for n in self.nodes)
                 raise UserError(f"{len(alive)} of {count} Ray nodes alive after {timeout:.0f} s\n{logs}")
             time.sleep(1)
         return alive
@@ -299,20 +222,7 @@ class LocalCluster:
     # ------------------------------------------------------------------ teardown
     def stop_node(self, node: Node, grace: float = 5.0) -> None:
         """SIGTERM the node's process group, then SIGKILL it and every process it started (by pid, never by name)."""
-        procs = node.processes()
-        _signal_group(node.pid, signal.SIGTERM)
-        if not _wait_gone(procs, grace):
-            _signal_group(node.pid, signal.SIGKILL)
-            for p in procs:  # workers that left the process group
-                try:
-                    p.kill()
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-            _wait_gone(procs, 5.0)
-        try:
-            node.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(node, grace)
 
     def stop(self, keep_logs: bool = False) -> None:
         """Kill every process this cluster started; keep_logs: copy Ray's logs to <root>/ray-logs/ first."""
@@ -323,17 +233,8 @@ class LocalCluster:
                 for logs in node.temp_dir.glob("session_*/logs"):
                     shutil.copytree(logs, self.root / "ray-logs" / node.name, dirs_exist_ok=True,
                                     ignore=shutil.ignore_patterns("*.sock", "events"))
-        if self.mlflow_proc is not None and self.mlflow_proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(self.mlflow_proc.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    break
-                try:
-                    self.mlflow_proc.wait(timeout=10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        if self.mlflow_proc is not None:
+            stop_process_group(self.mlflow_proc)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
@@ -341,29 +242,6 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_gone(procs, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(_running(p) for p in procs):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
-def _running(proc) -> bool:
-    try:
-        return proc.is_running() and proc.status() != "zombie"
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def ray_start_works(timeout: float = 60) -> str | None:
@@ -388,7 +266,7 @@ def ray_start_works(timeout: float = 60) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m biflow.cluster.local", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tests.support.local_cluster", description=__doc__.splitlines()[0])
     p.add_argument("--root", default=None, help="logs, MLflow database and artifacts (default: a new temp dir)")
     p.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
     p.add_argument("--cpus", type=int, default=1, help="CPUs of each node")
