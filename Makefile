@@ -18,8 +18,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/biflow run pipelines/digits.yaml
 
+# --durations=20: the suite ends with its 20 slowest tests, to keep CI time in view
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench.py --out benchmarks/results.json
