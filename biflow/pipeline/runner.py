@@ -178,8 +178,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, resources: dic
     if ray.is_initialized():
         return False
     env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every print of a Train worker shows twice
-                        "PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}  # else every print of a Train worker shows twice
     if address:
         try:
             ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
