@@ -6,6 +6,8 @@ machine, the parts of those paths that do not need a GPU (compile wiring, autoca
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,7 +139,7 @@ def test_compile_path_on_cuda(make_flow, tmp_path):
     cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=3, compile=True, device="cuda")
     trainer = fit(flow, forward_step(flow.cfg), digits_batches("cuda"), cfg, tmp_path / "f.pt", progress=False)
     assert type(trainer.model).__name__ == "OptimizedModule"
-    assert trainer.metrics["loss"] == trainer.metrics["loss"]
+    assert math.isfinite(trainer.metrics["loss"])
     assert torch.load(tmp_path / "f.pt", weights_only=True)["model"].keys() == flow.state_dict().keys()
 
 

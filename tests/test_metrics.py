@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 
 from biflow.errors import UserError
 from biflow.metrics import (
@@ -235,23 +237,57 @@ def test_inception_preprocessing_resizes_to_299_in_minus_one_to_one():
 
 
 class TinyScriptedInception(torch.nn.Module):
-    """Stands in for a user's TorchScript file: 6-d features, and an exported logits head."""
+    """Stands in for a user's TorchScript file: 6-d features (mean brightness of a 3x2 grid of regions) and an
+    exported logits head over 4 "classes" (10x the mean brightness of each image quadrant). The input is grey
+    repeated to 3 channels, so both read channel 0 only (per-channel features would be copies of each other)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+        return F.adaptive_avg_pool2d(x[:, :1], (3, 2)).flatten(1)
 
     @torch.jit.export
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return 10 * x.mean((2, 3))
+        return 10 * F.adaptive_avg_pool2d(x[:, :1], (2, 2)).flatten(1)
+
+
+def toy_net_outputs(images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) of TinyScriptedInception run eagerly on the documented preprocessing (uint8 / 127.5 - 1,
+    grey to 3 channels, antialiased bilinear resize to 299), without biflow's preprocess or InceptionV3 wrapper."""
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = F.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+    net = TinyScriptedInception()
+    with torch.no_grad():
+        return net(x).double().numpy(), net.logits(x).double().numpy()
+
+
+def inception_score_by_hand(logits: np.ndarray, splits: int) -> float:
+    """exp(mean_x KL(p(y|x) || p(y))) per equal split, averaged over the splits (scipy's softmax and rel_entr)."""
+    from scipy.special import rel_entr, softmax
+
+    scores = []
+    for part in np.array_split(softmax(logits, axis=1), splits):
+        scores.append(np.exp(rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()))
+    return float(np.mean(scores))
 
 
 def test_user_torchscript_weights_with_logits_give_fid_and_inception_score(tmp_path, digits):
+    """A user's TorchScript file with a `logits` method yields FID on its own features and an Inception Score:
+    both equal an independent numpy/scipy computation from the toy network's outputs."""
     path = tmp_path / "tiny.pt"
     torch.jit.save(torch.jit.script(TinyScriptedInception()), str(path))
     net = inception_mod.InceptionV3(path)
-    assert net.has_logits and net.features(digits["xte"][:3]).shape == (3, 6) and net.dim == 6
-    res = evaluate_samples(digits["xte"][:40], None, Reference.from_arrays(digits["xtr"][:40]), net)
-    assert res["fid"] >= 0 and res["is"] is not None and res["is"] >= 1.0 and "fd_evaluator" not in res
+    samples, reference = digits["xte"][:40], digits["xtr"][:40]
+    assert net.has_logits and net.features(samples[:3]).shape == (3, 6) and net.dim == 6
+    res = evaluate_samples(samples, None, Reference.from_arrays(reference), net)
+    assert "fd_evaluator" not in res and res["class_acc"] is None and res["num_samples"] == 40
+
+    (f_ref, _), (f_gen, logits) = toy_net_outputs(reference), toy_net_outputs(samples)
+    fid = fd_by_eigh(SimpleNamespace(mu=f_ref.mean(0), sigma=np.cov(f_ref, rowvar=False)),
+                     SimpleNamespace(mu=f_gen.mean(0), sigma=np.cov(f_gen, rowvar=False)))
+    assert fid > 0.01  # the two sets of digits differ (0.047): a result clamped to 0 would not pass below
+    assert res["fid"] == pytest.approx(fid, rel=1e-6)
+    expected_is = inception_score_by_hand(logits, splits=10)  # evaluate_samples' default: 10 splits of 4
+    assert 1.1 < expected_is < 4  # informative but not certain: neither bound of IS is what is compared
+    assert res["is"] == pytest.approx(expected_is, rel=1e-9)
 
 
 def test_inception_score_bounds():
@@ -384,8 +420,13 @@ def forward_checkpoint(digits, tmp_path_factory):
     return path
 
 
-def test_eval_command_writes_results_json(forward_checkpoint, evaluator, cache_dir, tmp_path, capsys):
+def test_eval_command_writes_results_json(forward_checkpoint, evaluator, cache_dir, digits, tmp_path, capsys):
+    """`biflow eval` on a forward checkpoint draws --num samples with the exact sampler (noise seed 0, balanced
+    labels, batches of --batch), scores them with the cached dataset evaluator and writes the numbers as JSON:
+    class_acc and fd_evaluator equal a recomputation from the same draws."""
     from biflow.cli import main
+    from biflow.checkpoint import load_checkpoint
+    from biflow.sampling import sample_exact
 
     out = tmp_path / "eval.json"
     code = main(["eval", str(forward_checkpoint), "--num", "40", "--batch", "20", "--repeats", "1",
@@ -394,9 +435,18 @@ def test_eval_command_writes_results_json(forward_checkpoint, evaluator, cache_d
     res = json.loads(out.read_text())
     assert res["sampler"] == "exact" and res["features"] == "evaluator" and res["num_samples"] == 40
     assert res["nfe"] == 2 * 2 * 15 + 2  # tiny: 2 blocks x 15 steps, x2 guidance, +2 denoise
-    assert np.isfinite(res["fd_evaluator"]) and 0 <= res["class_acc"] <= 1 and res["ms_per_image"] > 0
+    assert res["ms_per_image"] > 0 and res["seed"] == 0
     assert res["evaluator_test_acc"] >= 0.95  # the cached evaluator was reused, not retrained
     assert "fd_evaluator" in capsys.readouterr().out
+
+    flow, gen = load_checkpoint(forward_checkpoint), torch.Generator().manual_seed(0)
+    labels = np.arange(40) % 10
+    images = np.concatenate([as_uint8_nhwc(sample_exact(flow, 20, torch.from_numpy(labels[i:i + 20]), 1.0, True,
+                                                        generator=gen)) for i in (0, 20)])
+    assert res["class_acc"] == pytest.approx(float(np.mean(evaluator.predict(images) == labels)))
+    ref = FeatureStats.from_features(evaluator.features(digits["xtr"]))
+    assert res["fd_evaluator"] == pytest.approx(fd_by_eigh(ref, FeatureStats.from_features(evaluator.features(images))),
+                                                rel=1e-4)  # 40 samples, 128-d: sigma is singular, FD adds eps*I
 
 
 def test_eval_command_rejects_1nfe_on_a_forward_checkpoint(forward_checkpoint, capsys):
@@ -408,8 +458,7 @@ def test_eval_command_rejects_1nfe_on_a_forward_checkpoint(forward_checkpoint, c
 
 
 def test_eval_command_1nfe_on_a_reverse_checkpoint(forward_checkpoint, evaluator, cache_dir, tmp_path):
-    pytest.importorskip("biflow.models.reverse", reason="reverse model not available yet")
-    pytest.importorskip("biflow.sampling.onenfe", reason="1-NFE sampler not available yet")
+    """`biflow eval` on a reverse checkpoint defaults to the 1-NFE sampler: one network evaluation per image."""
     from biflow.checkpoint import FORMAT, atomic_save, load_checkpoint, read_checkpoint
     from biflow.cli import main
     from biflow.config import ReverseConfig

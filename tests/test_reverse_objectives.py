@@ -315,7 +315,23 @@ def test_token_mask_keeps_only_fully_known_tokens():
     assert not keep[:, :, :2, :2].any() and keep[:, :, 2:, :].all() and keep[:, :, :2, 2:].all()
 
 
+def noise_of(flow, x, y, generator) -> torch.Tensor:
+    """F's noise for x, by the definition the applications document: z = F(x + sigma*eps | y), eps ~ N(0, I)."""
+    eps = torch.randn(x.shape, generator=generator)
+    with torch.no_grad():
+        return flow(x + flow.cfg.noise_std * eps, y)[0]
+
+
+def test_encode_is_the_flow_applied_to_the_noised_image(tiny_flow):
+    """encode(x, y) = F(x + sigma*eps | y) with eps from the generator: the input distribution G was trained on."""
+    assert tiny_flow.cfg.noise_std > 0  # else the noising would go unchecked
+    x, y = torch.rand(3, 1, 4, 4) * 2 - 1, torch.tensor([0, 1, 2])
+    assert torch.equal(encode(tiny_flow, x, y, GEN(7)), noise_of(tiny_flow, x, y, GEN(7)))
+    assert not torch.allclose(encode(tiny_flow, x, y, GEN(7)), encode(tiny_flow, x, y, GEN(8)))
+
+
 def test_inpaint_keeps_the_noise_of_the_known_region(tiny_flow):
+    """G sees F's noise of x on the fully known tokens and fresh noise elsewhere; known pixels are pasted back."""
     model = reverse_for(tiny_flow)
     seen = []
     model.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
@@ -323,18 +339,21 @@ def test_inpaint_keeps_the_noise_of_the_known_region(tiny_flow):
     mask = torch.zeros(2, 1, 4, 4)
     mask[..., :2, :] = 1  # top half known: tokens 0 and 1
     out = inpaint(tiny_flow, model, x, mask, y, w=1.0, generator=GEN(5))
-    z_in, z_ref = patchify(seen[0], 2), patchify(encode(tiny_flow, x, y, GEN(5)), 2)
+    z_in, z_ref = patchify(seen[0], 2), patchify(noise_of(tiny_flow, x, y, GEN(5)), 2)
     assert torch.equal(z_in[:, :2], z_ref[:, :2]) and not torch.allclose(z_in[:, 2:], z_ref[:, 2:])
     assert torch.equal(out[..., :2, :], x[..., :2, :])  # known pixels are kept
     assert not torch.allclose(out[..., 2:, :], x[..., 2:, :])
 
 
 def test_edit_class_encodes_under_the_source_and_decodes_under_the_target(tiny_flow):
+    """edit_class(x, 0 -> 2) = G(F(x + sigma*eps | 0), 2): noise taken under the source class, drawn with the target."""
     model = reverse_for(tiny_flow)
     labels = []
     model.register_forward_pre_hook(lambda mod, args: labels.append(args[1]))
     x = torch.rand(2, 1, 4, 4) * 2 - 1
     out = edit_class(tiny_flow, model, x, 0, 2, w=1.0, generator=GEN())
     assert out.shape == x.shape and torch.equal(labels[0], torch.tensor([2, 2]))
-    z = encode(tiny_flow, x, 0, GEN())
-    assert torch.allclose(out, model(z, torch.tensor([2, 2]), 1.0)[0])
+    z = noise_of(tiny_flow, x, torch.tensor([0, 0]), GEN())
+    assert not torch.allclose(z, noise_of(tiny_flow, x, torch.tensor([2, 2]), GEN()))  # the source class matters
+    with torch.no_grad():
+        assert torch.allclose(out, model(z, torch.tensor([2, 2]), 1.0)[0])
