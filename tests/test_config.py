@@ -1,6 +1,8 @@
 """Specification tests for the typed configuration (biflow/config.py)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,13 +11,21 @@ from biflow.config import (
     FORWARD_SIZES,
     ConfigError,
     ExperimentConfig,
+    ReverseLossConfig,
     TrainConfig,
     ForwardConfig,
+    apply_overrides,
+    commented_yaml,
     flatten,
     load_yaml,
     unflatten,
     validate,
 )
+from biflow.pipeline.spec import EvaluateSection, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "pipelines" / "digits.yaml"
+BIFLOW = Path(sys.executable).with_name("biflow")  # the console script of this environment
 
 
 def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -24,10 +34,10 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
     return path
 
 
-def config_error(path: Path, **kw) -> str:
+def config_error(path: Path, load=load_yaml, **kw) -> str:
     """Load `path`, expect a ConfigError, and return its message (checked to be one line)."""
     with pytest.raises(ConfigError) as info:
-        load_yaml(path, **kw)
+        load(path, **kw)
     message = str(info.value)
     assert "\n" not in message, f"error message spans several lines: {message!r}"
     return message
@@ -212,3 +222,130 @@ def test_override_into_an_empty_section(tmp_path):
     """A section written as `forward:` with nothing under it accepts overrides."""
     cfg = load_yaml(write(tmp_path, "forward:\n"), overrides=["forward.width=32"])
     assert cfg.forward.width == 32
+
+
+# ============================================================== where a bad setting came from
+def test_a_misspelt_set_key_is_blamed_on_the_set_with_the_closest_key(tmp_path):
+    """A typo in --set names the --set item, not the file, and suggests the key it most likely meant."""
+    message = config_error(write(tmp_path, "reverse_loss:\n  align: 1.0\n"), overrides=["reverse_loss.algn=0.5"])
+    assert message == "--set reverse_loss.algn=0.5: unknown key 'algn' (did you mean 'align'?)"
+
+
+def test_a_misspelt_set_section_is_blamed_on_the_set_with_the_closest_section(tmp_path):
+    message = config_error(write(tmp_path, ""), overrides=["revers.depth=3"])
+    assert message == "--set revers.depth=3: unknown section 'revers' (did you mean 'reverse'?)"
+
+
+def test_an_unknown_key_with_nothing_close_gets_no_suggestion(tmp_path):
+    assert config_error(write(tmp_path, ""), overrides=["forward.zzz=1"]) == "--set forward.zzz=1: unknown key 'zzz'"
+
+
+def test_a_misspelt_key_in_the_file_names_the_file_and_the_closest_key(tmp_path):
+    path = write(tmp_path, "forward:\n  widht: 32\n")
+    assert config_error(path) == f"{path}: forward.widht: unknown key 'widht' (did you mean 'width'?)"
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path):
+    """The file is fine; the value given on the command line is not."""
+    path = write(tmp_path, "forward:\n  width: 64\n")
+    message = config_error(path, overrides=["forward.width=4"])
+    assert message == "--set forward.width=4: Input should be greater than or equal to 8"
+
+
+def test_a_bad_value_in_the_file_names_the_file_even_with_overrides_beside_it(tmp_path):
+    path = write(tmp_path, "forward:\n  width: 4\n")
+    message = config_error(path, overrides=["reverse.depth=8", "forward.heads=2"])
+    assert message.startswith(f"{path}: forward.width: Input should be greater than or equal to 8")
+
+
+def test_a_set_that_breaks_a_rule_of_its_section_is_blamed_on_the_set(tmp_path):
+    message = config_error(write(tmp_path, ""), overrides=["forward.heads=5"])
+    assert message == "--set forward.heads=5: width 64 is not divisible by heads 5"
+
+
+def test_the_last_set_of_a_key_is_the_one_in_effect_and_the_one_blamed(tmp_path):
+    path = write(tmp_path, "")
+    assert load_yaml(path, overrides=["forward.width=4", "forward.width=32"]).forward.width == 32
+    assert config_error(path, overrides=["forward.width=32", "forward.width=4"]).startswith("--set forward.width=4: ")
+
+
+def test_a_set_value_that_is_not_yaml_is_a_one_line_error(tmp_path):
+    message = config_error(write(tmp_path, ""), overrides=["forward.width=[1,"])
+    assert message == "--set forward.width=[1,: the value is not valid YAML"
+
+
+def test_a_set_below_a_plain_setting_is_refused(tmp_path):
+    message = config_error(write(tmp_path, "forward:\n  width: 64\n"), overrides=["forward.width.x=1"])
+    assert message == "--set forward.width.x=1: forward.width is a setting, not a section"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("pipeline.evaluate.num_sample=5",
+     "--set pipeline.evaluate.num_sample=5: unknown key 'num_sample' (did you mean 'num_samples'?)"),
+    ("pipeline.evalute.guidance=1", "--set pipeline.evalute.guidance=1: unknown section 'evalute' (did you mean 'evaluate'?)"),
+    ("pipeline.latent.vaee=runs/vae", "--set pipeline.latent.vaee=runs/vae: unknown key 'vaee' (did you mean 'vae'?)"),
+    ("reverse_loss.algn=0.5", "--set reverse_loss.algn=0.5: unknown key 'algn' (did you mean 'align'?)"),
+    ("pipeline.evaluate.num_samples=1", "--set pipeline.evaluate.num_samples=1: Input should be greater than or equal to 2"),
+])
+def test_pipeline_files_blame_a_bad_set_the_same_way(item, message):
+    """The `pipeline:` section and its nested sections get the same treatment as the experiment sections."""
+    assert config_error(DIGITS, load=load_pipeline, overrides=[item]) == message
+
+
+def test_a_misspelt_key_in_a_pipeline_file_names_the_file(tmp_path):
+    path = write(tmp_path, "pipeline:\n  evaluate:\n    gudance: 1.0\n", "pipe.yaml")
+    message = config_error(path, load=load_pipeline)
+    assert message == f"{path}: pipeline.evaluate.gudance: unknown key 'gudance' (did you mean 'guidance'?)"
+
+
+def test_apply_overrides_sets_dotted_keys_from_strings_or_a_mapping():
+    """The one way settings are layered: `--set` strings (YAML values) and a sweep's {key: value} alike."""
+    data = {"forward": {"width": 64}, "reverse": None}
+    apply_overrides(data, ["forward.width=32", "reverse.depth=8", "forward.clip=null"])
+    apply_overrides(data, {"pipeline.evaluate.guidance": 1.5}, "trial")
+    assert data == {"forward": {"width": 32, "clip": None}, "reverse": {"depth": 8},
+                    "pipeline": {"evaluate": {"guidance": 1.5}}}
+
+
+# ============================================================== biflow config show
+def test_every_setting_has_a_description():
+    """The descriptions are what `biflow config show` prints beside each value."""
+    for model in (ExperimentConfig, ForwardConfig, ReverseLossConfig, TrainConfig, EvaluateSection):
+        assert all(field.description for field in model.model_fields.values()), model
+
+
+def test_the_commented_config_is_a_pipeline_file_that_loads_back_to_the_same_config(tmp_path):
+    cfg = load_pipeline(DIGITS, ["forward.size=tiny", "train_reverse.lr=1e-7"])
+    text = commented_yaml(cfg)
+    assert "  width: 32" in text.split("train_forward:")[0]  # size expanded: tiny's width is shown
+    path = write(tmp_path, text, "resolved.yaml")
+    assert load_pipeline(path) == cfg
+
+
+def run_biflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIFLOW), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_config_show_prints_each_resolved_value_beside_its_description():
+    shown = run_biflow("config", "show", "pipelines/digits.yaml", "--set", "reverse_loss.align=0.5")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    align = next(ln for ln in lines if ln.lstrip().startswith("align:"))
+    value, description = (part.strip() for part in align.split("#", 1))
+    assert value == "align: 0.5" and description == ReverseLossConfig.model_fields["align"].description
+    assert {"data:", "forward:", "train_forward:", "reverse:", "reverse_loss:", "train_reverse:", "pipeline:"} <= \
+        {ln.split("#")[0].strip() for ln in lines if not ln.startswith(" ")}  # every section, at the top level
+    assert "    guidance: 0.0" in shown.stdout  # a nested section's default (pipeline.evaluate.guidance)
+
+
+def test_config_show_with_a_misspelt_key_exits_2_with_one_line():
+    shown = run_biflow("config", "show", "pipelines/digits.yaml", "--set", "reverse_loss.algn=0.5")
+    assert shown.returncode == 2 and shown.stdout == ""
+    assert shown.stderr == "biflow config: error: --set reverse_loss.algn=0.5: unknown key 'algn' (did you mean 'align'?)\n"
+
+
+def test_config_help_names_show_and_show_help_names_its_arguments():
+    group, show = run_biflow("config", "--help"), run_biflow("config", "show", "--help")
+    assert group.returncode == show.returncode == 0
+    assert "show" in group.stdout and "description" in group.stdout
+    assert "PIPELINE" in show.stdout.upper() and "--set KEY=VALUE" in show.stdout

@@ -5,6 +5,7 @@ file are plain functions. The sweeps themselves run in test_sweep.py.
 """
 from __future__ import annotations
 
+import copy
 import textwrap
 from pathlib import Path
 
@@ -73,6 +74,35 @@ def test_a_swept_size_fills_the_fields_the_pipeline_file_leaves_out(tmp_path, ba
     assert space.trial_config(base, {"reverse.size": "digits", "reverse_loss.adaptive_p": 0.5}).reverse.width == 64
     tune_space = space.param_space()["params"]
     assert set(tune_space) == {"reverse.size", "reverse_loss.adaptive_p"}
+
+
+def test_the_pipeline_data_is_the_file_with_the_overrides_applied(base):
+    """One reading of the pipeline file gives both the config and the data trials are built from."""
+    cfg, data = raw_pipeline(DIGITS, ["reverse.size=tiny", "pipeline.evaluate.guidance=1.0"])
+    expected = copy.deepcopy(base)
+    expected["reverse"]["size"] = "tiny"
+    expected["pipeline"].setdefault("evaluate", {})["guidance"] = 1.0
+    assert data == expected
+    assert cfg.reverse.width == 32 and cfg.pipeline.evaluate.guidance == 1.0
+
+
+def test_a_sweep_value_and_a_set_are_applied_and_blamed_the_same_way(tmp_path, base):
+    """An axis value goes through the same apply_overrides as --set: the same error, after its own source."""
+    space = load_space(write(tmp_path, "params:\n  reverse_loss.align: {grid: [1.0]}\n"), base)
+    with pytest.raises(ConfigError) as from_trial:
+        space.trial_config(base, {"reverse_loss.align": -1.0}, "trial")
+    with pytest.raises(ConfigError) as from_set:
+        load_pipeline(DIGITS, ["reverse_loss.align=-1.0"])
+    problem = "Input should be greater than or equal to 0"
+    assert str(from_trial.value) == f"trial: reverse_loss.align: {problem}"
+    assert str(from_set.value) == f"--set reverse_loss.align=-1.0: {problem}"
+
+
+def test_a_misspelt_set_in_a_sweep_is_blamed_on_the_set(tmp_path, capsys):
+    space = write(tmp_path, "params:\n  reverse_loss.align: {grid: [1.0]}\n")
+    code = main(["sweep", str(space), "--pipeline", str(DIGITS), "--set", "train_reverse.stpes=10", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "biflow sweep: error: --set train_reverse.stpes=10: unknown key 'stpes' (did you mean 'steps'?)\n"
 
 
 # ------------------------------------------------------------------- errors
@@ -236,3 +266,20 @@ def test_a_sweep_over_several_nodes_with_an_object_store_root_is_refused(tmp_pat
     check_sweep_storage(Storage(str(tmp_path / "nfs")))  # a shared path is fine on many nodes
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
     check_sweep_storage(remote)  # and an object store on one machine
+
+
+def test_the_trial_callbacks_listener_is_an_attribute_left_out_of_tunes_saved_state(base):
+    """Tests hook into a sweep through TrialRuns(listener=...), not a module global; Tune pickles the callback
+    into its experiment state, and the listener (often a closure) stays behind."""
+    import pickle
+
+    from biflow.pipeline.tracking import RunRef
+    from biflow.sweep.tracking import TrialRuns
+
+    def hook(event, trial):
+        pass
+
+    space = load_space(SPACES / "inverse_loss.yaml", base)
+    callback = TrialRuns(RunRef("sqlite:///mlflow.db", "0", "run"), space, base, "sweep.json", "fd_evaluator", listener=hook)
+    assert callback.listener is hook
+    assert pickle.loads(pickle.dumps(callback)).listener is None

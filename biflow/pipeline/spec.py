@@ -16,12 +16,13 @@ top (GPUs, resources per worker, tolerated failures).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from biflow.config import ConfigError, ExperimentConfig, LatentConfig, Section, load_yaml
+from biflow.config import ConfigError, ExperimentConfig, LatentConfig, Section, load_config
 
 
 class ScalingSection(Section):
@@ -97,12 +98,17 @@ class PipelineConfig(ExperimentConfig):
     pipeline: PipelineSection = Field(PipelineSection(), description="where and how the experiment runs")
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Load and validate a pipeline file with `a.b=value` overrides; any problem is a one-line ConfigError."""
+    return load_pipeline_with_data(path, overrides)[0]
+
+
+def load_pipeline_with_data(path: str | Path, overrides: Iterable[str] = ()) -> tuple[PipelineConfig, dict[str, Any]]:
+    """(the validated pipeline, the file's data with the overrides applied), from one reading of the file."""
     path = Path(path)
     if path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{path}: a pipeline file is YAML (.yaml or .yml)")
-    cfg = load_yaml(path, PipelineConfig, list(overrides))
+    cfg, data = load_config(path, PipelineConfig, overrides)
     latent = cfg.pipeline.latent
     if latent is not None and Path(latent.vae).expanduser().is_dir():  # a local VAE: absolute for Ray workers elsewhere
         latent.vae = str(Path(latent.vae).expanduser().resolve())
@@ -110,7 +116,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
         what = "a class-per-folder image tree" if cfg.data.name == "imagefolder" else "a prepared shard directory"
         raise ConfigError(f"{path}: data.source is required for data.name={cfg.data.name} ({what}); "
                           "pass it with --set data.source=PATH")
-    return cfg
+    return cfg, data
 
 
 def is_uri(location: str) -> bool:

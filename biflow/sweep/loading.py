@@ -2,13 +2,12 @@
 starts (the file format is documented in biflow/sweep/space.py)."""
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 from pathlib import Path
 from typing import Any
 
-from biflow.config import ConfigError, read_yaml_mapping, validate
+from biflow.config import ConfigError, closest, read_yaml_mapping, validate
 from biflow.sweep.space import (DISTRIBUTIONS, EXACT_CASE, MAX_COMBINATIONS, SWEEPABLE_EVALUATE, Param, Space, SpaceFile,
                                 sweepable_keys)
 
@@ -72,8 +71,8 @@ def check_key(key: Any, at: str, keys: set[str]) -> None:
         return
     if isinstance(key, str) and key.startswith("data."):
         raise ConfigError(f"{at}.{key}: data settings cannot be swept (every trial is scored against the same data)")
-    close = difflib.get_close_matches(str(key), sorted(keys), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    close = closest(str(key), keys)
+    hint = f"; did you mean {close}?" if close else ""
     raise ConfigError(f"{at}.{key}: unknown config key{hint} (keys are flat, e.g. reverse.depth or reverse_loss.align)")
 
 
@@ -116,9 +115,9 @@ def _check_overlaps(params: list[Param], spec: SpaceFile, where: str, keys: set[
             owner[key] = f"params.{p.name}"
     for key in spec.evaluate:
         if key not in keys_of_evaluate():
-            close = difflib.get_close_matches(key, sorted(keys_of_evaluate()), n=1)
+            close = closest(key, keys_of_evaluate())
             raise ConfigError(f"{where}: evaluate.{key}: unknown pipeline.evaluate setting"
-                              + (f"; did you mean {close[0]}?" if close else ""))
+                              + (f"; did you mean {close}?" if close else ""))
 
 
 def keys_of_evaluate() -> set[str]:

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from biflow.atomic import atomic_write_bytes
-from biflow.sweep.space import EXACT_CASE, Space, put
+from biflow.config import apply_overrides
+from biflow.sweep.space import EXACT_CASE, Space
 
 REFERENCE_ID = "exact"
 
@@ -187,9 +188,8 @@ def best_pipeline(space: Space, base: dict[str, Any], row: dict[str, Any], metri
     """
     data = copy.deepcopy(base)
     keep = {k: v for k, v in space.overrides().items() if k != "train_reverse.log_every" and not k.startswith("pipeline.evaluate.")}
-    for key, value in {**keep, **space.settings(row.get("values", {}))}.items():
-        put(data, key, value)
     changed = {**keep, **space.settings(row.get("values", {}))}
+    apply_overrides(data, changed, "best trial")
     header = [f"# Best trial of sweep {sweep} ({space.path.name} over {pipeline_path.name}): trial {row['trial_id']}, "
               f"{metric} {row[metric]:.4g}, {row.get('ms_per_image', float('nan')):.3g} ms/image.",
               f"#   biflow run <this file>      # trains it with the trial's settings ({row.get('steps_trained', '?')} stage-2 steps)",

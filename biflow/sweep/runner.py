@@ -19,18 +19,20 @@ the report files. The hash covers the space file, the pipeline data and --num-sa
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from biflow.config import ConfigError, flatten, read_yaml_mapping, set_dotted
+from biflow.config import ConfigError, apply_overrides, flatten
 from biflow.errors import UserError
 from biflow.pipeline.cache import Storage, digest
-from biflow.pipeline.spec import load_pipeline, resolve_artifact_location, resolve_tracking_uri
+from biflow.pipeline.spec import load_pipeline_with_data, resolve_artifact_location, resolve_tracking_uri
 from biflow.pipeline.tracking import RunRef, StepRun, Tracker
-from biflow.sweep import tracking as sweep_tracking
 from biflow.sweep.report import write_text
 from biflow.sweep.results import (SweepResult, collect, end_open_trials, finish_reference, start_reference,
                                   time_samplers, write_report)
@@ -45,14 +47,10 @@ STATE = "sweep.json"
 
 
 # ------------------------------------------------------------------ inputs
-def raw_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Any, dict[str, Any]]:
+def raw_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> tuple[Any, dict[str, Any]]:
     """(validated PipelineConfig, the file's raw data with the overrides applied): trials are built from the raw data,
     so a swept `size` still fills the fields the file leaves out."""
-    cfg = load_pipeline(path, overrides)
-    data = {k: {} if v is None else v for k, v in read_yaml_mapping(path, "pipeline file").items()}
-    for item in overrides:
-        set_dotted(data, item)
-    return cfg, data
+    return load_pipeline_with_data(path, overrides)
 
 
 def sweeps_root(storage: Storage) -> Path:
@@ -130,9 +128,37 @@ def trial_dirname(trial) -> str:
 
 
 # ------------------------------------------------------------------- sweep
+@dataclass
+class SweepRun:
+    """One invocation of a sweep, as its steps see it: what it runs, where it records, how it reports."""
+
+    space: Space
+    base: dict[str, Any]  # the pipeline's raw data with the overrides: trials are built from it
+    num_samples: int
+    storage: Storage
+    parent: StepRun  # the sweep's MLflow parent run
+    run_dir: Path  # <storage>/_sweeps/<space>-<hash>/run-<n>
+    state: dict[str, Any]  # what sweep.json holds
+    resume: bool
+    result: SweepResult
+    echo: Callable[[str], None] = print
+    listener: Callable[[str, Any], None] | None = None  # TrialRuns' hook, called after each trial event
+
+    @property
+    def num_trials(self) -> int:
+        return self.space.num_trials(self.num_samples)
+
+    def save_state(self, status: str) -> None:
+        _write_state(self.run_dir, {**self.state, "status": status, "updated": time.time()})
+
+
 def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list[str] = (), num_samples: int | None = None,
               address: str | None = None, resume: bool = False, echo=print, listener=None) -> SweepResult:
-    """Run (or resume) a sweep; returns its rows and files. Interrupted sweeps return with interrupted=True."""
+    """Run (or resume) a sweep; returns its rows and files. Interrupted sweeps return with interrupted=True.
+
+    `listener(event, trial)` is called after each trial event ("start", "complete", "error") of the trials this call
+    starts (tests use it to interrupt a sweep); a resumed Tuner's callbacks come from its saved state, without it.
+    """
     t0 = time.perf_counter()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status table every few seconds
     pipeline_path, space_path = Path(pipeline_path), Path(space_path)
@@ -158,41 +184,25 @@ def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list
     for old in previous:  # runs whose driver died (killed, machine lost) must not stay RUNNING in MLflow
         _close_if_dead(old, tracker)
     if resume:
-        run_dir = previous[-1]
-        lock = _hold(run_dir)
-        if lock is None:
-            raise UserError(f"{run_dir} is being run by another process right now; wait for it or stop it first")
-        state = _read_state(run_dir)
-        state["invocation"] = int(state.get("invocation", 1)) + 1
-        parent = StepRun(RunRef(tracker.uri, tracker.experiment_id, state["parent_run_id"]))
-        parent.client.update_run(parent.run_id, status="RUNNING")
-        echo(f"sweep {sweep_id}/{run_dir.name}: resuming (invocation {state['invocation']}), MLflow parent run {parent.run_id}")
+        run_dir, lock, parent, state = _reopen(previous[-1], tracker, echo)
     else:
         run_dir = sweep_dir / f"run-{int(previous[-1].name[4:]) + 1 if previous else 1}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = _hold(run_dir)
-        parent = tracker.start_parent(f"sweep {space.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", _parent_params(space, cfg, n),
-                                      {KIND: "sweep", "biflow.sweep": f"{sweep_id}/{run_dir.name}", "biflow.space": str(space_path),
-                                       "biflow.pipeline": str(pipeline_path), "mlflow.note.content": space.spec.description or "-"})
-        state = {"parent_run_id": parent.run_id, "invocation": 1, "space": str(space_path), "pipeline": str(pipeline_path),
-                 "overrides": list(overrides), "num_samples": n}
-        echo(f"sweep {sweep_id}/{run_dir.name}: {space.num_trials(n)} trial(s) of {space_path.name} over {pipeline_path.name}; "
-             f"MLflow {tracker.uri} (experiment {cfg.pipeline.experiment!r}, parent run {parent.run_id})")
-    state.update(status="running", updated=time.time())
-    _write_state(run_dir, state)
-    name = f"{sweep_id}/{run_dir.name}"
-    result = SweepResult(name, run_dir, parent.run_id)
+        state = {"space": str(space_path), "pipeline": str(pipeline_path), "overrides": list(overrides), "num_samples": n}
+        lock, parent = _start(run_dir, tracker, space, cfg, state, echo)
+    run = SweepRun(space, base, n, storage, parent, run_dir, state, resume,
+                   SweepResult(f"{sweep_id}/{run_dir.name}", run_dir, parent.run_id), echo, listener)
+    run.save_state("running")
     started = False
     try:
         started = connect(address or cfg.pipeline.ray_address)
         check_sweep_storage(storage)
-        result = _run(space, cfg, base, n, storage, parent, run_dir, state, resume, result, echo, listener)
+        result = _run(run)
     except BaseException as err:
-        end_open_trials(parent, "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        why = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        end_open_trials(parent, why)
         parent.set_tags({"biflow.error": f"{type(err).__name__}: {str(err)[:2000]}"})
         parent.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        _write_state(run_dir, {**state, "status": "interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                               "updated": time.time()})
+        run.save_state(why)
         raise
     finally:
         if started:
@@ -202,6 +212,34 @@ def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list
         lock.close()  # releases the flock
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def _start(run_dir: Path, tracker: Tracker, space: Space, cfg, state: dict[str, Any], echo) -> tuple[Any, StepRun]:
+    """A new run directory, held, and its MLflow parent run (recorded in `state`): (lock, parent)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _hold(run_dir)
+    name, n = f"{run_dir.parent.name}/{run_dir.name}", state["num_samples"]
+    parent = tracker.start_parent(f"sweep {space.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", _parent_params(space, cfg, n),
+                                  {KIND: "sweep", "biflow.sweep": name, "biflow.space": state["space"],
+                                   "biflow.pipeline": state["pipeline"], "mlflow.note.content": space.spec.description or "-"})
+    state.update(parent_run_id=parent.run_id, invocation=1)
+    echo(f"sweep {name}: {space.num_trials(n)} trial(s) of {space.path.name} over {Path(state['pipeline']).name}; "
+         f"MLflow {tracker.uri} (experiment {cfg.pipeline.experiment!r}, parent run {parent.run_id})")
+    return lock, parent
+
+
+def _reopen(run_dir: Path, tracker: Tracker, echo) -> tuple[Path, Any, StepRun, dict[str, Any]]:
+    """An earlier run, held again, its parent run RUNNING again: (run_dir, lock, parent, state)."""
+    lock = _hold(run_dir)
+    if lock is None:
+        raise UserError(f"{run_dir} is being run by another process right now; wait for it or stop it first")
+    state = _read_state(run_dir)
+    state["invocation"] = int(state.get("invocation", 1)) + 1
+    parent = StepRun(RunRef(tracker.uri, tracker.experiment_id, state["parent_run_id"]))
+    parent.client.update_run(parent.run_id, status="RUNNING")
+    echo(f"sweep {run_dir.parent.name}/{run_dir.name}: resuming (invocation {state['invocation']}), "
+         f"MLflow parent run {parent.run_id}")
+    return run_dir, lock, parent, state
 
 
 def _hold(run_dir: Path):
@@ -252,83 +290,88 @@ def _parent_params(space: Space, cfg, n: int) -> dict[str, Any]:
     return params
 
 
-def _run(space: Space, cfg, base, n, storage: Storage, parent: StepRun, run_dir: Path, state: dict, resume: bool,
-         result: SweepResult, echo, listener) -> SweepResult:
-    import copy
-
-    from ray import tune
-
+def _run(run: SweepRun) -> SweepResult:
+    """The sweep on a connected Ray: shared upstream steps, the trials, then the report."""
     from biflow.pipeline.context import data_dir
     from biflow.pipeline.evaluation import metrics_cache
 
-    driver_cfg = space.trial_config(base, {}, "sweep")  # the pipeline + the space's fixed settings
-    exec_base = copy.deepcopy(base)
-    exec_base.setdefault("pipeline", {})["storage"] = storage.root  # absolute: Ray workers change directory
-    # 1. upstream steps, once (trials that change stage 1 resolve their own)
-    upto = "train_forward" if uses_base_forward(space, base, driver_cfg) else "prepare"
-    before = {k: v is not None for k, v in _cached(driver_cfg, storage, upto).items()}
-    records = resolve_upstream(driver_cfg, storage, parent.ref, upto=upto, remote=True, echo=echo)
-    result.upstream = {k: "cached" if before[k] else "ran" for k in records}
-    parent.set_tags({f"biflow.upstream.{k}": f"{r['key']} ({result.upstream[k]}; run {r.get('mlflow_run_id') or '-'})"
-                     for k, r in records.items()})
-    echo("  upstream: " + ", ".join(f"{k} {v} ({records[k]['key']})" for k, v in result.upstream.items()))
-    ctx = step_context(driver_cfg, storage, records, run_dir)
-    # 2. the evaluator and reference statistics once, before trials load them in parallel
-    _warm_metrics(driver_cfg, data_dir(ctx), metrics_cache(storage), echo)
-    # 3. the exact inverse of the shared forward flow: a reference point (and the ablation's first row)
-    exact_ref = None
-    if space.spec.reference_exact and "train_forward" in records:
-        exact_ref = start_reference(space, driver_cfg, ctx, storage, run_dir, echo)
-    # 4. the trials
-    setup = TrialSetup(space=space, base=exec_base, storage_root=storage.root, local_dir=driver_cfg.pipeline.local_dir,
-                       parent=parent.ref, trials_dir=str(run_dir / "trials"), ray_storage=str(run_dir / "ray_train"),
-                       run_name=result.name.replace("/", "-"), threads=max(1, int(space.spec.cpus_per_trial)),
-                       metrics_cache=str(metrics_cache(storage)))
-    resources, concurrent = trial_resources(space, driver_cfg)
+    driver_cfg = run.space.trial_config(run.base, {}, "sweep")  # the pipeline + the space's fixed settings
+    ctx, records = _resolve_upstream(run, driver_cfg)
+    # the evaluator and reference statistics once, before trials load them in parallel
+    _warm_metrics(driver_cfg, data_dir(ctx), metrics_cache(run.storage), run.echo)
+    exact_ref = None  # the shared forward flow's exact inverse: a reference point (and the ablation's first row)
+    if run.space.spec.reference_exact and "train_forward" in records:
+        exact_ref = start_reference(run.space, driver_cfg, ctx, run.storage, run.run_dir, run.echo)
+    grid = _fit_trials(run, driver_cfg)
+    rows = collect(grid, run.space, run.parent)
+    reference = finish_reference(exact_ref, run.space, driver_cfg, run.storage, run.run_dir, run.parent, run.echo)
+    if any(r["status"] == "interrupted" for r in rows) or len(rows) < run.num_trials:
+        return _interrupted(run, rows)
+    time_samplers(rows, reference, driver_cfg, run.space, run.echo)
+    run.result.rows = rows + ([reference] if reference is not None else [])
+    write_report(run.result, run.space, driver_cfg, run.base, run.parent, run.run_dir, Path(run.state["pipeline"]), run.echo)
+    run.save_state("finished")
+    return run.result
+
+
+def _resolve_upstream(run: SweepRun, driver_cfg) -> tuple[Any, dict[str, dict]]:
+    """prepare (and train_forward when some trial keeps the pipeline's stage 1) through the pipeline cache, once:
+    (the step context of the trials' shared inputs, the upstream records)."""
+    upto = "train_forward" if uses_base_forward(run.space, run.base, driver_cfg) else "prepare"
+    before = {k: v is not None for k, v in _cached(driver_cfg, run.storage, upto).items()}
+    records = resolve_upstream(driver_cfg, run.storage, run.parent.ref, upto=upto, remote=True, echo=run.echo)
+    upstream = run.result.upstream = {k: "cached" if before[k] else "ran" for k in records}
+    run.parent.set_tags({f"biflow.upstream.{k}": f"{r['key']} ({upstream[k]}; run {r.get('mlflow_run_id') or '-'})"
+                         for k, r in records.items()})
+    run.echo("  upstream: " + ", ".join(f"{k} {v} ({records[k]['key']})" for k, v in upstream.items()))
+    return step_context(driver_cfg, run.storage, records, run.run_dir), records
+
+
+def _fit_trials(run: SweepRun, driver_cfg):
+    """The trials on Ray Tune (restored on --resume when Tune saved its state): their ResultGrid."""
+    from ray import tune
+
+    from biflow.pipeline.evaluation import metrics_cache
+
+    exec_base = copy.deepcopy(run.base)
+    apply_overrides(exec_base, {"pipeline.storage": run.storage.root}, "sweep")  # absolute: Ray workers change directory
+    setup = TrialSetup(space=run.space, base=exec_base, storage_root=run.storage.root, local_dir=driver_cfg.pipeline.local_dir,
+                       parent=run.parent.ref, trials_dir=str(run.run_dir / "trials"), ray_storage=str(run.run_dir / "ray_train"),
+                       run_name=run.result.name.replace("/", "-"), threads=max(1, int(run.space.spec.cpus_per_trial)),
+                       metrics_cache=str(metrics_cache(run.storage)))
+    resources, concurrent = trial_resources(run.space, driver_cfg)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
-    callback = TrialRuns(parent.ref, space, exec_base, str(run_dir / STATE), space.spec.metric)
-    tune_path = run_dir / "tune"
-    sweep_tracking.LISTENER = listener
-    try:
-        if resume and tune.Tuner.can_restore(str(tune_path)):
-            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            if resume:
-                echo("  (no Tune state to restore yet: starting the trials)")
-            tuner = tune.Tuner(
-                trainable, param_space=space.param_space(),
-                tune_config=tune.TuneConfig(
-                    scheduler=build_scheduler(space, driver_cfg.train_reverse.steps), num_samples=n,
-                    reuse_actors=True,
-                    search_alg=_search(space, concurrent), trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
-                run_config=tune.RunConfig(name="tune", storage_path=str(run_dir), callbacks=[callback],
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=0))
-        echo(f"  trials: {space.num_trials(n)}, {concurrent} at once, {resources} each; "
-             f"scheduler {space.spec.scheduler.type} on {space.scheduler_metric}")
-        grid = tuner.fit()
-    finally:
-        sweep_tracking.LISTENER = None
-    # 5. collect, time, report
-    rows = collect(grid, space, parent)
-    reference = finish_reference(exact_ref, space, driver_cfg, storage, run_dir, parent, echo)
-    expected = space.num_trials(n)
-    interrupted = any(r["status"] == "interrupted" for r in rows) or len(rows) < expected
-    if interrupted:
-        end_open_trials(parent, "interrupted")
-        done = sum(1 for r in rows if r["status"] in ("finished", "stopped_early", "failed"))
-        parent.set_tags({"biflow.sweep.state": f"interrupted: {done} of {expected} trials done"})
-        parent.end("KILLED")
-        _write_state(run_dir, {**state, "status": "interrupted", "updated": time.time()})
-        echo(f"sweep interrupted: {done} of {expected} trials done; continue with --resume")
-        result.rows, result.interrupted = rows, True
-        return result
-    time_samplers(rows, reference, driver_cfg, space, echo)
-    if reference is not None:
-        rows.append(reference)
-    result.rows = rows
-    write_report(result, space, driver_cfg, base, parent, run_dir, Path(state["pipeline"]), echo)
-    _write_state(run_dir, {**state, "status": "finished", "updated": time.time()})
-    return result
+    tune_path = run.run_dir / "tune"
+    if run.resume and tune.Tuner.can_restore(str(tune_path)):
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if run.resume:
+            run.echo("  (no Tune state to restore yet: starting the trials)")
+        callback = TrialRuns(run.parent.ref, run.space, exec_base, str(run.run_dir / STATE), run.space.spec.metric,
+                             listener=run.listener)
+        tuner = tune.Tuner(
+            trainable, param_space=run.space.param_space(),
+            tune_config=tune.TuneConfig(
+                scheduler=build_scheduler(run.space, driver_cfg.train_reverse.steps), num_samples=run.num_samples,
+                reuse_actors=True, search_alg=_search(run.space, concurrent), trial_name_creator=trial_name,
+                trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name="tune", storage_path=str(run.run_dir), callbacks=[callback],
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0))
+    run.echo(f"  trials: {run.num_trials}, {concurrent} at once, {resources} each; "
+             f"scheduler {run.space.spec.scheduler.type} on {run.space.scheduler_metric}")
+    return tuner.fit()
+
+
+def _interrupted(run: SweepRun, rows: list[dict[str, Any]]) -> SweepResult:
+    """Some trials did not finish (Ctrl-C, SIGUSR1): end the open runs KILLED, keep the state for --resume."""
+    end_open_trials(run.parent, "interrupted")
+    done = sum(1 for r in rows if r["status"] in ("finished", "stopped_early", "failed"))
+    run.parent.set_tags({"biflow.sweep.state": f"interrupted: {done} of {run.num_trials} trials done"})
+    run.parent.end("KILLED")
+    run.save_state("interrupted")
+    run.echo(f"sweep interrupted: {done} of {run.num_trials} trials done; continue with --resume")
+    run.result.rows, run.result.interrupted = rows, True
+    return run.result
 
 
 def uses_base_forward(space: Space, base: dict[str, Any], driver_cfg) -> bool:

@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from biflow.config import ConfigError, ExperimentConfig, ForwardConfig, ReverseConfig, Section, flatten, validate
+from biflow.config import (ConfigError, ExperimentConfig, ForwardConfig, ReverseConfig, Section, apply_overrides, build_config,
+                           flatten)
 
 # name -> (what its argument is, how many numbers it takes or None for a list / mapping)
 DISTRIBUTIONS: dict[str, tuple[str, int | None]] = {
@@ -239,9 +240,8 @@ class Space:
         from biflow.pipeline.spec import PipelineConfig
 
         data = copy.deepcopy(base)
-        for key, value in {**self.overrides(), **self.settings(values)}.items():
-            put(data, key, value)
-        cfg = validate(PipelineConfig, data, where)
+        apply_overrides(data, {**self.overrides(), **self.settings(values)}, where)
+        cfg = build_config(PipelineConfig, data, where)
         check_coupled(cfg, where)
         return cfg
 
@@ -250,17 +250,6 @@ def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
-
-
-def put(data: dict, key: str, value: Any) -> None:
-    """data["a"]["b"]["c"] = value for key "a.b.c" (creating sections; an empty `section:` is a new mapping)."""
-    *parents, leaf = key.split(".")
-    node = data
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[leaf] = copy.deepcopy(value)
 
 
 def sweepable_keys() -> set[str]:

@@ -16,6 +16,7 @@ reopened when `--resume` restarts them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,6 @@ KIND = "biflow.kind"
 VALIDATION = ("val_fd", "val_recon", "loss")  # the curves the scheduler can judge
 LOGGED_FINAL = ("class_acc", "nfe", "ms_per_image_in_trial", "steps_trained", "upstream_s", "train_s", "eval_s",
                 "num_eval_samples")
-
-LISTENER = None  # tests: a callable(event, trial) called after each callback event (not pickled with the Tuner)
 
 
 def trial_params(space: Space, base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -82,14 +81,16 @@ def _error_text(trial) -> str:
 class TrialRuns(Callback):
     """One MLflow child run per Tune trial (created at start, curves per result, ended on completion)."""
 
-    def __init__(self, parent: RunRef, space: Space, base: dict[str, Any], state_file: str, metric: str):
+    def __init__(self, parent: RunRef, space: Space, base: dict[str, Any], state_file: str, metric: str,
+                 listener: Callable[[str, Any], None] | None = None):
         self.parent, self.space, self.base, self.state_file, self.metric = parent, space, base, state_file, metric
+        self.listener = listener  # called as listener(event, trial) after each event: "start", "complete", "error"
         self._runs: dict[str, StepRun] = {}
         self.invocation = 1
 
-    def __getstate__(self):  # pickled into the Tuner's state: no clients, no open runs
+    def __getstate__(self):  # pickled into the Tuner's state: no clients, no open runs, no listener
         state = self.__dict__.copy()
-        state["_runs"] = {}
+        state["_runs"], state["listener"] = {}, None
         return state
 
     def setup(self, **info) -> None:
@@ -100,8 +101,8 @@ class TrialRuns(Callback):
             self.invocation = 1
 
     def _notify(self, event: str, trial) -> None:
-        if LISTENER is not None:
-            LISTENER(event, trial)
+        if self.listener is not None:
+            self.listener(event, trial)
 
     def _run(self, trial) -> StepRun:
         run = self._runs.get(trial.trial_id)
