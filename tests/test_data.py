@@ -31,7 +31,8 @@ from biflow.data import (
     to_uint8,
     write_shards,
 )
-from biflow.data.builtin import PHOTOS, load_image, prepared_dir
+from biflow.data.builtin import PHOTOS, prepared_dir
+from biflow.data.imagefolder import load_image
 
 PINNED_PYARROW = "25.0.1"  # Parquet files name their writer's version, so pinned hashes hold for this one
 
@@ -332,9 +333,9 @@ def _in_memory_reference(cfg: DataConfig, root: Path, out: Path) -> dict[str, st
 
 def test_imagefolder_prepare_streams_in_chunks_with_bounded_memory(tmp_path, monkeypatch):
     """Decoded DECODE_CHUNK images at a time, written in file order: the same bytes as decoding all of it first."""
-    import biflow.data.builtin as builtin
+    import biflow.data.imagefolder as imagefolder
 
-    monkeypatch.setattr(builtin, "DECODE_CHUNK", 2)
+    monkeypatch.setattr(imagefolder, "DECODE_CHUNK", 2)
     added, add = [], ShardWriter.add
 
     def spy(self, images, labels):
@@ -354,7 +355,7 @@ def test_imagefolder_prepare_streams_in_chunks_with_bounded_memory(tmp_path, mon
 
 def test_imagefolder_decoding_processes_do_not_change_the_data(tmp_path, monkeypatch):
     """data.workers processes decode (here 2, one image per task); output, recipe and cache dir are those of 1."""
-    import biflow.data.builtin as builtin
+    import biflow.data.imagefolder as imagefolder
 
     pools = []
 
@@ -363,8 +364,8 @@ def test_imagefolder_decoding_processes_do_not_change_the_data(tmp_path, monkeyp
             pools.append(workers)
             super().__init__(workers)
 
-    monkeypatch.setattr(builtin, "DECODE_TASK", 1)
-    monkeypatch.setattr(builtin, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(imagefolder, "DECODE_TASK", 1)
+    monkeypatch.setattr(imagefolder, "ProcessPoolExecutor", Pool)
     tree = _tree(tmp_path / "tree")
     serial = DataConfig(name="imagefolder", source=str(tree), image_size=8, test_fraction=0.34, workers=1)
     parallel = serial.model_copy(update={"workers": 2})

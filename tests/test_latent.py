@@ -25,7 +25,7 @@ from biflow.latent import (
     read_latent_shards,
     tiny_vae,
 )
-from biflow.latent.shards import content_noise
+from biflow.latent.encode import content_noise
 
 NO_DIFFUSERS = "diffusers is not installed (optional extra: pip install -e '.[latent]')"
 
@@ -253,8 +253,9 @@ def test_latent_space_biflow_end_to_end(image_shards, vae_dir, codec, tmp_path):
     from biflow.objectives.perceptual import build_perceptual
     from biflow.objectives.reverse import reverse_step
     from biflow.sampling import sample_1nfe, sample_exact
-    from biflow.training.forward import forward_step, with_geometry
+    from biflow.training.forward import forward_step
     from biflow.training.loop import fit
+    from biflow.training.stages import with_geometry
 
     root = encode_shards(image_shards, tmp_path / "latents", str(vae_dir), batch_size=8, use_ray=False)
     train = load_latent_split(root, "train")

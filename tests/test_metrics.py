@@ -463,7 +463,7 @@ def test_eval_command_1nfe_on_a_reverse_checkpoint(forward_checkpoint, evaluator
     from biflow.cli import main
     from biflow.config import ReverseConfig
     from biflow.models.reverse import ReverseModel
-    from biflow.training.reverse import reverse_config_for
+    from biflow.training.stages import reverse_config_for
 
     flow, meta = load_checkpoint(forward_checkpoint), read_checkpoint(forward_checkpoint)
     reverse = ReverseModel(reverse_config_for(ReverseConfig(size="tiny"), flow))

@@ -387,7 +387,7 @@ def test_storage_tracking_and_artifact_locations_resolve_to_absolute_uris(tmp_pa
 
 def test_gpu_settings_on_a_local_ray_without_gpus_are_a_one_line_error_not_a_hang():
     from biflow.errors import UserError
-    from biflow.pipeline.runner import check_local_gpus, gpu_settings
+    from biflow.pipeline.ray_session import check_local_gpus, gpu_settings
 
     cfg = load_pipeline(DIGITS, [*TINY, "pipeline.train_reverse.use_gpu=true", "pipeline.evaluate.gpus=1"])
     assert gpu_settings(cfg, ["prepare", "train_forward", "train_reverse", "evaluate"]) == \
@@ -405,14 +405,14 @@ def test_a_stage_trains_to_the_same_weights_whatever_its_process_ran_before(tmp_
     import torch
 
     from biflow.checkpoint import read_checkpoint
-    from biflow.data import prepare, read_manifest
+    from biflow.config import ExperimentConfig
+    from biflow.data import prepare
+    from biflow.data.model_space import TrainingData
     from biflow.pipeline.raytrain import StageJob, train_in_process
 
     cfg = load_pipeline(DIGITS, [*TINY, "train_forward.steps=3"])
-    data = prepare(cfg.data, tmp_path / "data")
-    manifest = read_manifest(data / "train")
-    job = StageJob("forward", cfg.model_dump(exclude={"pipeline"}), str(data), str(data / "train"), manifest["meta"],
-                   manifest["content_hash"], str(tmp_path / "a"))
+    data = TrainingData.open(prepare(cfg.data, tmp_path / "data"))
+    job = StageJob("forward", ExperimentConfig.model_validate(cfg.model_dump(exclude={"pipeline"})), data, str(tmp_path / "a"))
     states = []
     for work, noise in (("a", 1), ("b", 1000)):
         torch.randn(noise)  # whatever ran before in this process

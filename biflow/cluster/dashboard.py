@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from biflow.cluster import auth
-from biflow.errors import UserError
+from biflow.errors import UserError, first_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -122,10 +122,5 @@ class Dashboard:
             try:
                 self._jobs = JobSubmissionClient(self.address, headers=self.headers)
             except Exception as err:  # noqa: BLE001 - e.g. a version mismatch with the head
-                raise ClusterError(f"cannot use the job API at {self.address}: {_first_line(err)}") from None
+                raise ClusterError(f"cannot use the job API at {self.address}: {first_line(err)}") from None
         return self._jobs
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__

@@ -47,6 +47,8 @@ def declared_shared(env: Mapping[str, str] = os.environ) -> bool:
 
 
 def is_uri(location: str) -> bool:
+    """Whether `location` names a store other than this machine's files: a URI such as s3://bucket/x,
+    http://host:5000 or sqlite:///x. A file:// URI and a plain path are local; a Windows drive letter is not a scheme."""
     scheme, sep, _ = location.partition("://")
     return bool(sep) and len(scheme) > 1 and scheme != "file"
 

@@ -26,45 +26,25 @@ def add_arguments(p) -> None:
 
 
 def load_pair_and_inputs(args):
-    """(flow, reverse, x, y, images, to_images) from the CLI arguments.
-
-    images: the inputs (N, C, H, W) in [-1, 1]; x: what the flows see, the images themselves or, for a
-    latent-space pair, their VAE latents; to_images: model space -> images (the VAE decoder, or the identity).
-    """
-    from biflow.checkpoint import load_checkpoint, read_checkpoint
+    """(pair, x, y, images) from the CLI arguments: the F/G pair (biflow.sampling.draw.Pair), the inputs as the
+    flows see them (x: pixels, or VAE latents), their labels and the input images (N, C, H, W) in [-1, 1]."""
+    from biflow.checkpoint import read_checkpoint
     from biflow.data import load_split, to_model
-    from biflow.sampling.draw import forward_checkpoint_of
+    from biflow.sampling.draw import load_pair
 
-    ckpt = read_checkpoint(args.checkpoint)
-    if ckpt["kind"] != "reverse":
-        raise UserError(f"{args.checkpoint}: needs a reverse-model checkpoint (this one is {ckpt['kind']})")
-    flow = load_checkpoint(forward_checkpoint_of(args.checkpoint))
-    reverse = load_checkpoint(args.checkpoint)
+    pair = load_pair(args.checkpoint)
     if args.input is not None:
         if not args.input.is_file():
             raise UserError(f"{args.input}: input file not found")
         data = np.load(args.input)
         images, labels = data["images"], data["labels"]
     else:
-        test = load_split(ckpt["data_dir"], "test")
+        test = load_split(read_checkpoint(args.checkpoint)["data_dir"], "test")
         images, labels = test.images, test.labels
     images, labels = images[: args.num], labels[: args.num]
-    codec = None
-    if ckpt.get("latent"):
-        from biflow.latent import LatentCodec
-
-        codec = LatentCodec.load(ckpt["latent"])
-    scale = codec.downsample if codec is not None else 1
-    channels = 3 if codec is not None else flow.cfg.in_channels
-    want = (flow.cfg.image_size * scale, flow.cfg.image_size * scale, channels)
-    if images.shape[1:] != want:
-        raise UserError(f"input images have shape {images.shape[1:]}, the model expects {want}")
-    pixels = to_model(images)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    if codec is None:
-        return flow, reverse, pixels, y, pixels, lambda t: t
-    with torch.no_grad():
-        return flow, reverse, codec.encode(images), y, pixels, torch.no_grad()(codec.decode)
+    if images.shape[1:] != pair.image_shape:
+        raise UserError(f"input images have shape {images.shape[1:]}, the model expects {pair.image_shape}")
+    return pair, pair.encode(images), torch.as_tensor(labels, dtype=torch.long), to_model(images)
 
 
 def write_outputs(out: Path, rows: list[torch.Tensor], labels: torch.Tensor) -> None:
@@ -80,11 +60,13 @@ def write_outputs(out: Path, rows: list[torch.Tensor], labels: torch.Tensor) -> 
 def run(args) -> int:
     from biflow.sampling.applications import edit_class
 
-    flow, reverse, x, y, images, to_images = load_pair_and_inputs(args)
-    if flow.cfg.num_classes and not 0 <= args.to_label < flow.cfg.num_classes:
-        raise UserError(f"--to-label {args.to_label} is out of range: the model has {flow.cfg.num_classes} classes")
+    pair, x, y, images = load_pair_and_inputs(args)
+    classes = pair.flow.cfg.num_classes
+    if classes and not 0 <= args.to_label < classes:
+        raise UserError(f"--to-label {args.to_label} is out of range: the model has {classes} classes")
     y_dst = torch.full_like(y, args.to_label)
     with torch.no_grad():
-        edited = edit_class(flow, reverse, x, y, y_dst, w=args.guidance, generator=torch.Generator().manual_seed(args.seed))
-    write_outputs(args.out, [images, to_images(edited)], y_dst)  # rows: original | edited
+        edited = edit_class(pair.flow, pair.reverse, x, y, y_dst, w=args.guidance,
+                            generator=torch.Generator().manual_seed(args.seed))
+    write_outputs(args.out, [images, pair.decode(edited)], y_dst)  # rows: original | edited
     return 0

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from biflow.errors import UserError
+from biflow.errors import UserError, first_line
 
 HELP = "run a biflow command (run, sweep, ...) as a job on a Ray cluster and follow it"
 PIPELINE_COMMANDS = ("run", "status", "sweep")  # commands that load a pipeline file with --set overrides
@@ -176,9 +176,8 @@ def _submit(dash, args, command: list[str]) -> int:
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - upload too large, duplicate id, runtime env rejected ...
-        from biflow.cluster.dashboard import _first_line
 
-        raise UserError(f"the cluster at {dash.address} did not accept the job: {_first_line(err)}") from None
+        raise UserError(f"the cluster at {dash.address} did not accept the job: {first_line(err)}") from None
     print(f"job {job_id} submitted", flush=True)
     if args.no_wait:
         print(f"  follow: biflow submit --address {dash.address} --follow {job_id}\n"

@@ -29,18 +29,19 @@ def print_log(step: int, metrics: dict) -> None:
 
 def run(args) -> int:
     from biflow.checkpoint import read_checkpoint
-    from biflow.training.forward import train_forward
-    from biflow.training.reverse import train_reverse
+    from biflow.data import prepare
+    from biflow.training.stages import train_stage_into
 
     cfg = load_yaml(args.config, ExperimentConfig, args.overrides)
-    progress = not args.no_progress
+    forward = None
     if args.stage == "forward":
-        trainer, ckpt = train_forward(cfg, args.out, on_log=print_log, progress=progress)
+        data_dir = prepare(cfg.data, args.out / "data")
     else:
         forward = args.forward or args.out / "forward.pt"
         if not forward.is_file():
             raise UserError(f"{forward}: no forward checkpoint; train stage 1 first or pass --forward")
         data_dir = read_checkpoint(forward)["data_dir"]
-        trainer, ckpt = train_reverse(cfg, args.out, forward, data_dir, on_log=print_log, progress=progress)
+    trainer, ckpt = train_stage_into(args.stage, cfg, args.out, data_dir, forward, on_log=print_log,
+                                     progress=not args.no_progress)
     print(f"{args.stage}: {trainer.step} steps, checkpoint {ckpt}")
     return 0

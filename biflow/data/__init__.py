@@ -4,17 +4,19 @@
     load_split(cfg_or_dir, split) -> ShardSet(images uint8 (N, H, W, C), labels int64 (N,), meta, content_hash)
     ShardWriter(out_dir, meta, image_shape, count).add(images, labels) ... .close()  streams a shard directory
     batches(shardset, batch_size, seed, device) -> endless (x float32 (B, C, H, W) in [-1, 1], y int64 (B,))
+    TrainingData.open(root)  a prepared root in model space, pixels or VAE latents alike (what training reads)
 """
 from biflow.data.builtin import (
-    DataError,
     digits_arrays,
-    imagefolder_source,
     load_split,
     patches_arrays,
     prepare,
     prepared_dir,
     split_indices,
 )
+from biflow.data.imagefolder import imagefolder_source
+from biflow.data.model_space import TrainingData
+from biflow.data.parts import DataError
 from biflow.data.shards import ShardError, ShardSet, ShardWriter, read_manifest, read_shards, write_shards
 from biflow.data.transforms import batches, grid_image, save_grid, to_model, to_uint8
 
@@ -23,6 +25,7 @@ __all__ = [
     "ShardError",
     "ShardSet",
     "ShardWriter",
+    "TrainingData",
     "batches",
     "digits_arrays",
     "grid_image",

@@ -1,5 +1,5 @@
 """Parquet part files with a manifest: what image shards (biflow.data.shards) and latent shards
-(biflow.latent.shards) share.
+(biflow.data.latent_shards) share.
 
 A split directory holds `part-00000.parquet`, ... (one fixed-size binary value and a label per row,
 the split's metadata as JSON under the schema metadata key `biflow`) and `manifest.json`, written last:
@@ -26,6 +26,10 @@ from biflow.errors import UserError
 META_KEY = b"biflow"
 MANIFEST = "manifest.json"
 PART_GLOB = "part-*.parquet"
+
+
+class DataError(UserError, ValueError):
+    """A problem with a dataset's source (missing folder, unreadable image, ...), as one line."""
 
 
 class ShardError(UserError, ValueError):

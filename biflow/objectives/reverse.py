@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 
-from biflow.config import ConfigError, ReverseLossConfig
+from biflow.config import ConfigError, ForwardConfig, ReverseConfig, ReverseLossConfig
 from biflow.models.forward_flow import ForwardFlow
 from biflow.models.layers import patchify, unpatchify
 from biflow.models.reverse import ReverseModel
@@ -82,15 +83,34 @@ def reverse_losses(
     return {"loss": loss, **{k: v.detach() for k, v in {**terms, **raw}.items()}}
 
 
-def check_pair(flow: ForwardFlow, reverse: ReverseModel, cfg: ReverseLossConfig) -> None:
+def check_pair(flow_cfg: ForwardConfig, reverse_cfg: ReverseConfig, loss_cfg: ReverseLossConfig) -> None:
     """The reverse model must mirror the flow's geometry, blocks and classes, and suit the strategy."""
     for key in ("in_channels", "image_size", "patch_size", "num_blocks", "num_classes"):
-        f, r = getattr(flow.cfg, key), getattr(reverse.cfg, key)
+        f, r = getattr(flow_cfg, key), getattr(reverse_cfg, key)
         if f != r:
             raise ConfigError(f"reverse.{key} = {r} does not match the forward flow's {f}")
-    need = STRATEGY_FEEDBACK.get(cfg.strategy)
-    if need is not None and reverse.cfg.head_feedback != need:
-        raise ConfigError(f"strategy {cfg.strategy!r} needs reverse.head_feedback = {need}")
+    need = STRATEGY_FEEDBACK.get(loss_cfg.strategy)
+    if need is not None and reverse_cfg.head_feedback != need:
+        raise ConfigError(f"strategy {loss_cfg.strategy!r} needs reverse.head_feedback = {need}")
+
+
+def reverse_objective(
+    flow: ForwardFlow,
+    reverse_cfg: ReverseConfig,
+    loss_cfg: ReverseLossConfig,
+    perceptual_net: PerceptualNet | None = None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[nn.Module, torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]:
+    """The stage-2 step function `step(model, x, y) -> reverse_losses(...)` with every config bound.
+
+    The pair is checked once, here; `model` is only called, so it may be wrapped (DDP, torch.compile).
+    """
+    check_pair(flow.cfg, reverse_cfg, loss_cfg)
+
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return _batch_losses(flow, model, reverse_cfg, x, y, loss_cfg, perceptual_net, None, decoder)
+
+    return step
 
 
 def reverse_step(
@@ -103,17 +123,24 @@ def reverse_step(
     generator: torch.Generator | None = None,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One stage-2 batch: x (N, C, H, W), labels y (N,) or None -> reverse_losses(...); call .backward() on 'loss'.
+    """One stage-2 batch for a bare ReverseModel: x (N, C, H, W), labels y (N,) or None -> reverse_losses(...).
 
     x~ = x + sigma*eps (sigma = flow.cfg.noise_std); labels dropped (loss_cfg.label_drop) and w ~ U[0, w_max]
     (reverse.cfg.w_max; 0 where dropped); F encodes x~ under the same labels G sees, without gradient;
     G runs on z (plus the unconditional pass for CFG) and the conditional prediction is supervised.
     decoder: latent -> pixels for the perceptual term (see reverse_losses); None in pixel space.
+    Training binds the configs once instead (`reverse_objective`).
     """
-    check_pair(flow, reverse, loss_cfg)
+    check_pair(flow.cfg, reverse.cfg, loss_cfg)
+    return _batch_losses(flow, reverse, reverse.cfg, x_clean, y, loss_cfg, perceptual_net, generator, decoder)
+
+
+def _batch_losses(flow: ForwardFlow, reverse: nn.Module, reverse_cfg: ReverseConfig, x_clean: torch.Tensor,
+                  y: torch.Tensor | None, loss_cfg: ReverseLossConfig, perceptual_net: PerceptualNet | None,
+                  generator: torch.Generator | None, decoder: Callable[[torch.Tensor], torch.Tensor] | None):
     n, device = x_clean.shape[0], x_clean.device
     x_noisy = x_clean + flow.cfg.noise_std * torch.randn(x_clean.shape, generator=generator, device=device, dtype=x_clean.dtype)
-    y, w = draw_guidance(y, reverse.cfg.num_classes, loss_cfg.label_drop, reverse.cfg.w_max, n, device, generator)
+    y, w = draw_guidance(y, reverse_cfg.num_classes, loss_cfg.label_drop, reverse_cfg.w_max, n, device, generator)
     with torch.no_grad():
         z, trajectory, _ = flow(x_noisy, y)  # dropped labels -> F(x~ | null): G(. | null) learns the unconditional inverse
     x_pred, hidden = recover_conditional(reverse, z, y, w, loss_cfg.cfg_uncond_grad)

@@ -22,18 +22,17 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import biflow
 from biflow.atomic import atomic_write_bytes
+from biflow.cluster.storage import is_uri
 from biflow.errors import UserError
-from biflow.pipeline.spec import is_uri
+from biflow.pipeline import codeset
 
 FORMAT = "biflow-step-v1"
 RECORD = "_done.json"
-_PACKAGE = Path(biflow.__file__).resolve().parent
 
 
 class CacheError(UserError):
@@ -44,15 +43,11 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def code_version(paths: tuple[str, ...]) -> str:
-    """sha256 over the package-relative source files (or directories of .py files) a step's result depends on."""
-    h = hashlib.sha256(biflow.__name__.encode())
-    for rel in sorted(paths):
-        base = _PACKAGE / rel
-        files = sorted(base.rglob("*.py")) if base.is_dir() else [base]
-        for f in files:
-            h.update(f"{f.relative_to(_PACKAGE)}\0".encode())
-            h.update(f.read_bytes())
+def code_version(run: Callable[..., Any]) -> str:
+    """The fingerprint of the sources a step's result depends on: `codeset.code_set(run)`, each file's path and content."""
+    h = hashlib.sha256()
+    for rel in codeset.code_set(run):
+        h.update(f"{rel}\0{codeset.source_digest(rel)}\0".encode())
     return h.hexdigest()[:16]
 
 
@@ -79,7 +74,8 @@ class Storage:
 
     def __init__(self, root: str, local_dir: str | None = None):
         self.root = root.rstrip("/") or "/"
-        self.is_local = not is_uri(root)
+        # a file:// URI goes through pyarrow.fs like an object store (resolve_storage strips it; tests use it)
+        self.is_local = not (is_uri(root) or root.startswith("file://"))
         if self.is_local:
             self.fs, self.base = None, self.root
         else:

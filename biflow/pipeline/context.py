@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from biflow.atomic import atomic_write_bytes
+from biflow.data.model_space import TrainingData
 from biflow.pipeline.cache import Storage
 from biflow.pipeline.spec import PipelineConfig
 from biflow.pipeline.tracking import StepRun
@@ -44,7 +45,7 @@ def data_dir(ctx: StepContext, step: str = "prepare") -> Path:
     return d if d.is_absolute() else ctx.input_dir(step) / d
 
 
-def train_uri(ctx: StepContext, step: str = "prepare") -> str:
+def _train_uri(ctx: StepContext, step: str) -> str:
     """The train shards as Ray Data reads them: the local path, or straight from object storage (a URI)."""
     rec = ctx.inputs[step]["result"]
     if ctx.storage.is_local or Path(rec["data_dir"]).is_absolute():
@@ -52,9 +53,16 @@ def train_uri(ctx: StepContext, step: str = "prepare") -> str:
     return ctx.input_uri(step, rec["data_dir"], "train")
 
 
-def training_data(ctx: StepContext) -> str:
-    """The step whose shards the flows train on: `latent` when the pipeline has a VAE, else `prepare`."""
-    return "latent" if "latent" in ctx.inputs else "prepare"
+def training_data(ctx: StepContext) -> TrainingData:
+    """What both stages train on: the `latent` step's VAE latents when the pipeline has one, else `prepare`'s images."""
+    src = "latent" if "latent" in ctx.inputs else "prepare"
+    rec = ctx.inputs[src]["result"]
+    latent: dict[str, Any] = {}
+    if src == "latent":  # checkpoints record the VAE (to decode samples) and the images behind the latents
+        latent = dict(codec=ctx.cfg.pipeline.latent.codec().model_dump(), image_dir=str(data_dir(ctx)),
+                      image_hash=ctx.inputs["prepare"]["result"]["splits"]["train"]["content_hash"])
+    return TrainingData(root=str(data_dir(ctx, src)), meta=rec["meta"], content_hash=rec["splits"]["train"]["content_hash"],
+                        train_uri=_train_uri(ctx, src), **latent)
 
 
 def ray_running() -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 
 from biflow.atomic import atomic_write_bytes
 from biflow.config import flatten
+from biflow.metrics.format import fmt
 from biflow.pipeline.cache import Storage
 from biflow.pipeline.context import StepContext, data_dir, ray_running, write_json
 
@@ -26,41 +27,17 @@ def metrics_cache(storage: Storage) -> Path:
 
 
 def score_sampler(spec: dict[str, Any]) -> dict[str, Any]:
-    """One sampler: draw samples, score them (FD/FID, IS, class accuracy), time it. Runs as its own Ray task."""
+    """One sampler scored on `spec["cpus"]` torch threads (runs as its own Ray task); `score_checkpoint` does the work."""
     import torch
 
-    from biflow.checkpoint import read_checkpoint
-    from biflow.commands.eval import build_sampler
-    from biflow.data import load_split
-    from biflow.metrics import Reference, evaluate_sampler, get_feature_net
-    from biflow.metrics.evaluator import load_or_train_evaluator
-    from biflow.training.loop import resolve_device
+    from biflow.sampling.scoring import score_checkpoint
 
-    c0 = time.process_time()
     torch.set_num_threads(max(1, int(spec["cpus"])))
-    device = resolve_device(spec["device"])
-    path = Path(spec["checkpoint"])
-    ckpt = read_checkpoint(path)
-    sample_fn, num_classes, nfe, details = build_sampler(path, ckpt, spec["sampler"], spec["guidance"], True,
-                                                         spec["seed"], device)
-    del ckpt
-    reference = Reference.from_shardset(load_split(spec["data_dir"], "train"), "train")
-    net = get_feature_net(spec["features"], inception_weights=spec["inception_weights"], reference=reference,
-                          cache_dir=spec["cache_dir"], device=str(device))
-    classifier = None
-    if num_classes:
-        classifier = net if spec["features"] == "evaluator" else load_or_train_evaluator(
-            reference.images, reference.labels, content_hash=reference.content_hash, cache_dir=spec["cache_dir"], device=device)
     num = spec["num_samples"]
-    res = evaluate_sampler(sample_fn, num, reference, net, spec["cache_dir"], num_classes=num_classes,
-                           batch=spec["batch_size"], time_batch=min(spec["timing_batch"], num), repeats=spec["timing_repeats"],
-                           warmup=1, device=device, classifier=classifier, decode=details["decode"], keep=spec["grid"])
-    metric = net.metric_name  # the grid's labels are 0, 1, ..., K-1, 0, ...: its rows run through the classes
-    return {"sampler": spec["sampler"], "metric_name": metric, metric: res[metric], "is": res["is"],
-            "is_std": res["is_std"], "class_acc": res["class_acc"], "ms_per_image": res["ms_per_image"],
-            "images_per_s": res["images_per_s"], "decode_ms_per_image": res["decode_ms_per_image"], "nfe": nfe,
-            "timing": res["timing"], "denoise": details["denoise"], "num_samples": res["num_samples"],
-            "num_reference": res["num_reference"], "grid": res["images"], "cpu_s": time.process_time() - c0}
+    return score_checkpoint(spec["checkpoint"], spec["sampler"], num=num, guidance=spec["guidance"], seed=spec["seed"],
+                            device=spec["device"], features=spec["features"], inception_weights=spec["inception_weights"],
+                            data_dir=spec["data_dir"], cache_dir=spec["cache_dir"], batch=spec["batch_size"],
+                            time_batch=min(spec["timing_batch"], num), repeats=spec["timing_repeats"], keep=spec["grid"])
 
 
 def _fan_out(fn: Callable[[dict], dict], specs: list[dict], options: dict[str, Any]) -> list[dict]:
@@ -87,13 +64,13 @@ def run_evaluate(ctx: StepContext) -> dict[str, Any]:
     from PIL import Image
 
     from biflow.data import load_split, save_grid
+    from biflow.device import resolve_device
     from biflow.metrics import Reference, get_feature_net, reference_stats
-    from biflow.training.loop import resolve_device
 
     ev = ctx.cfg.pipeline.evaluate
     cache_dir = metrics_cache(ctx.storage)
     ddir = data_dir(ctx)
-    device = resolve_device(ev.device)
+    device = resolve_device(ev.device, "pipeline.evaluate.device")
     # Train the evaluator / compute the reference statistics once, before the samplers fan out and load them.
     reference = Reference.from_shardset(load_split(ddir, "train"), "train")
     net = get_feature_net(ev.features, inception_weights=ev.inception_weights, reference=reference, cache_dir=cache_dir,
@@ -159,12 +136,6 @@ def speed_plot(samplers: dict[str, dict], path: Path):
     return fig
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def run_report(ctx: StepContext) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
@@ -189,13 +160,13 @@ def run_report(ctx: StepContext) -> dict[str, Any]:
         space = f" as {'x'.join(map(str, fwd['latent_shape']))} latents of the VAE {ctx.cfg.pipeline.latent.vae}"
     lines = [f"# BiFlow pipeline report: {ctx.cfg.pipeline.experiment}", "",
              f"Data: {ctx.cfg.data.name}{space}; forward flow {fwd['params']:,} parameters, {fwd['training']['steps']} steps, "
-             f"test bits/dim {_fmt(metrics['test/bits_per_dim'])}; reverse model {rev['params']:,} parameters, "
+             f"test bits/dim {fmt(metrics['test/bits_per_dim'])}; reverse model {rev['params']:,} parameters, "
              f"{rev['training']['steps']} steps.", "",
              "| sampler | NFE | " + " | ".join(["quality", "IS", "class acc", "ms/image"]) + " |", "|---|---|---|---|---|---|"]
     for name, r in samplers.items():
-        vae = f" (+{_fmt(r['decode_ms_per_image'])} VAE decoding)" if r.get("decode_ms_per_image") is not None else ""
-        lines.append(f"| {name} | {r['nfe']} | {r['metric_name']} {_fmt(r[r['metric_name']])} | {_fmt(r['is'])} | "
-                     f"{_fmt(r['class_acc'])} | {_fmt(r['ms_per_image'])}{vae} |")
+        vae = f" (+{fmt(r['decode_ms_per_image'])} VAE decoding)" if r.get("decode_ms_per_image") is not None else ""
+        lines.append(f"| {name} | {r['nfe']} | {r['metric_name']} {fmt(r[r['metric_name']])} | {fmt(r['is'])} | "
+                     f"{fmt(r['class_acc'])} | {fmt(r['ms_per_image'])}{vae} |")
     if "speedup/exact_over_1nfe" in metrics:
         lines += ["", f"1-NFE is {metrics['speedup/exact_over_1nfe']:.1f}x faster per image than the exact inverse "
                       f"(batch {next(iter(samplers.values()))['timing']['batch']}, "

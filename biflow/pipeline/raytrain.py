@@ -1,6 +1,7 @@
 """Stage 1 and stage 2 training inside a pipeline step: in-process, or data-parallel on Ray Train.
 
-One `StageJob` describes the work; `train_stage` runs it
+The stage itself (model, step function, checkpoint record) is built by biflow.training.stages, the data read
+through biflow.data.model_space; this module is the Ray glue. One `StageJob` describes the work; `train_stage` runs it
 
     num_workers == 0   in the step's own process: `fit` on batches from the shards (tests, laptops);
     num_workers >= 1   a `TorchTrainer` with `ScalingConfig(num_workers, use_gpu, resources_per_worker)`,
@@ -21,90 +22,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from biflow.config import ExperimentConfig, TrainConfig
+from biflow.data.model_space import TrainingData
+from biflow.device import resolve_device
 from biflow.errors import UserError
 from biflow.pipeline.cache import link_or_copy
 from biflow.pipeline.spec import ScalingSection
 from biflow.pipeline.tracking import RunRef, StepRun
+from biflow.training.loop import fit
+from biflow.training.stages import Kind, Stage, build_stage, train_in_memory
 
 
 @dataclass(frozen=True)
 class StageJob:
-    """Everything a (remote) worker needs to train one stage; picklable."""
+    """Everything a (remote) worker needs to train one stage; picklable, validated once when built."""
 
-    kind: str  # "forward" | "reverse"
-    config: dict[str, Any]  # ExperimentConfig.model_dump() (the pipeline section is not needed)
-    data_dir: str  # prepared root holding train/ and test/ (local to the step)
-    train_uri: str  # the train shards as Ray Data reads them (the same path, or a storage URI)
-    data_meta: dict[str, Any]  # the shards' manifest meta (image_shape [H, W, C], num_classes, ...)
-    data_hash: str  # the train shards' content hash
+    kind: Kind
+    cfg: ExperimentConfig  # the experiment (the pipeline section is not needed)
+    data: TrainingData  # the training data in model space (pixels or latents), local to the step
     work_dir: str  # local resumable state of the step (in-process checkpoint)
     forward_ckpt: str | None = None  # reverse: the trained forward flow, local to the step
     forward_ckpt_uri: str | None = None  # ... and in storage, for workers on other machines
     run: RunRef | None = None  # the step's MLflow child run (rank 0 logs curves into it)
-    latent: dict[str, Any] | None = None  # data_dir holds VAE latents: {codec: LatentConfig dump, image_dir, image_hash}
 
     @property
     def ckpt_name(self) -> str:
         return f"{self.kind}.pt"
 
     @property
-    def train_cfg(self) -> TrainConfig:
-        cfg = ExperimentConfig.model_validate(self.config)
-        return cfg.train_forward if self.kind == "forward" else cfg.train_reverse
+    def train(self) -> TrainConfig:
+        return self.cfg.train_forward if self.kind == "forward" else self.cfg.train_reverse
 
 
-class _DDP(DistributedDataParallel):
-    """DDP whose unknown attributes fall through to the wrapped model (objectives read `model.cfg`)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-
-def build_stage(job: StageJob, device: torch.device):
-    """-> (model, step_fn, meta, desc) for one stage; geometry comes from the data (forward) or the flow (reverse)."""
-    cfg = ExperimentConfig.model_validate(job.config)
-    torch.manual_seed(job.train_cfg.seed)  # initial weights from the config's seed, not from what the process ran before
-    meta = {"data": cfg.data.model_dump(), "data_dir": job.data_dir, "data_hash": job.data_hash}
-    if job.latent is not None:  # samples are decoded with this VAE; evaluation compares them with these images
-        meta.update(latent=job.latent["codec"], latent_dir=job.data_dir, latent_hash=job.data_hash,
-                    data_dir=job.latent["image_dir"], data_hash=job.latent["image_hash"])
-    if job.kind == "forward":
-        from biflow.models.forward_flow import ForwardFlow
-        from biflow.training.forward import forward_step, with_geometry
-
-        fcfg = with_geometry(cfg.forward, job.data_meta)
-        return ForwardFlow(fcfg), forward_step(fcfg, pixels=job.latent is None), meta, "stage 1: forward flow"
-    from biflow.models.reverse import ReverseModel
-    from biflow.objectives.perceptual import build_perceptual
-    from biflow.objectives.reverse import reverse_step
-    from biflow.training.reverse import frozen_flow, reverse_config_for
-
-    flow = frozen_flow(_local_file(job.forward_ckpt, job.forward_ckpt_uri), device)
-    loss_cfg = cfg.reverse_loss
-    pnet = build_perceptual(loss_cfg).to(device) if loss_cfg.perceptual > 0 else None
+def stage_for(job: StageJob, device: torch.device) -> Stage:
+    """`build_stage` with what only this process can provide: the forward flow as a local file (downloaded on
+    a node that lacks it) and, for a perceptual loss on latents, the frozen VAE decoder."""
+    forward = local_input(job.forward_ckpt, job.forward_ckpt_uri) if job.kind == "reverse" else None
     decoder = None
-    if pnet is not None and job.latent is not None:  # perceptual distances on decoded images, through the frozen VAE
+    if job.kind == "reverse" and job.data.latent and job.cfg.reverse_loss.perceptual > 0:
         from biflow.latent import LatentCodec
 
-        decoder = LatentCodec.load(job.latent["codec"], device).decode
-
-    def step(model, x, y):
-        return reverse_step(flow, model, x, y, loss_cfg, pnet, decoder=decoder)
-
-    meta.update(forward_checkpoint=str(Path(job.forward_ckpt).resolve()), denoising=loss_cfg.denoising,
-                reverse_loss=loss_cfg.model_dump())
-    return ReverseModel(reverse_config_for(cfg.reverse, flow)), step, meta, "stage 2: reverse model"
+        decoder = LatentCodec.load(job.data.codec, device).decode
+    return build_stage(job.kind, job.cfg, job.data, forward, device, decoder)
 
 
-def _local_file(path: str, uri: str | None) -> str:
+def local_input(path: str, uri: str | None) -> str:
     """`path` if this machine has it, else a download of `uri` (a worker on another node of the cluster)."""
     if Path(path).is_file() or not uri or uri == path:
         return path
@@ -130,48 +95,14 @@ def _log_fn(run: StepRun | None, label: str) -> Callable[[int, dict[str, float]]
 
 
 # ------------------------------------------------------------------ in-process
-def stored_split(job: StageJob, split: str) -> tuple[np.ndarray, np.ndarray, Callable[[torch.Tensor], torch.Tensor]]:
-    """One split of the job's data as stored: (uint8 images (N, H, W, C) or latents (N, C, h, w), labels (N,), to_model)
-    where to_model turns stored rows into model space, float32 (N, C, H, W)."""
-    if job.latent is not None:
-        from biflow.latent import load_latent_split
-
-        latents = load_latent_split(job.data_dir, split)
-        return latents.latents, latents.labels, lambda t: t.float()
-    from biflow.data import load_split, to_model
-
-    images = load_split(job.data_dir, split)
-    return images.images, images.labels, to_model
-
-
-def split_batches(job: StageJob, split: str) -> Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """One split in memory -> batches(batch_size, seed): endless shuffled (x, y) in model space (the `batches` contract)."""
-    from biflow.data.transforms import shuffled_batches
-
-    data, labels, to_model = stored_split(job, split)
-    return lambda batch_size, seed: shuffled_batches(data, labels, batch_size, seed, transform=to_model)
-
-
-def load_training_split(job: StageJob, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in model space, in file order: (x float32 (N, C, H, W): pixels in [-1, 1] or latents, y (N,))."""
-    data, labels, to_model = stored_split(job, split)
-    return to_model(torch.from_numpy(np.ascontiguousarray(data))), torch.as_tensor(labels)
-
-
 def train_in_process(job: StageJob, threads: int | None = None) -> tuple[Path, dict[str, Any]]:
-    from biflow.training.loop import fit, resolve_device
-
-    tcfg = job.train_cfg
     if threads:
         torch.set_num_threads(max(1, int(threads)))
-    device = resolve_device(tcfg.device)
-    model, step_fn, meta, desc = build_stage(job, device)
-    train = split_batches(job, "train")
+    stage = stage_for(job, resolve_device(job.train.device, f"train_{job.kind}.device"))
     ckpt = Path(job.work_dir) / job.ckpt_name
     resumed_from = _checkpoint_step(ckpt)
     run = StepRun(job.run) if job.run else None
-    trainer = fit(model, step_fn, lambda start: train(tcfg.batch_size, tcfg.seed + start), tcfg, ckpt,
-                  meta=meta, on_log=_log_fn(run, job.kind), desc=desc, progress=False)
+    trainer = train_in_memory(stage, job.data, ckpt, on_log=_log_fn(run, job.kind))
     return ckpt, {"steps": trainer.step, "resumed_from_step": resumed_from, "workers": 0, "final": dict(trainer.metrics)}
 
 
@@ -184,23 +115,6 @@ def _checkpoint_step(path: Path) -> int:
 
 
 # ------------------------------------------------------------------- Ray Train
-def rows_to_model(job: StageJob) -> Callable[[dict[str, np.ndarray]], tuple[torch.Tensor, torch.Tensor]]:
-    """A Ray Data numpy batch of the job's shard rows -> (x float32 (B, C, H, W) in model space, y int64 (B,))."""
-    if job.latent is not None:
-        from biflow.latent import latents_from_rows
-
-        return lambda b: latents_from_rows(b, job.data_meta)
-    from biflow.data import to_model
-
-    h, w, c = job.data_meta["image_shape"]
-
-    def images(b: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.frombuffer(bytearray(b"".join(b["image"])), np.uint8).reshape(-1, h, w, c)  # (B, H, W, C)
-        return to_model(x), torch.tensor(b["label"], dtype=torch.long)
-
-    return images
-
-
 def shard_batches(shard, batch_size: int, decode: Callable, seed: int) -> Callable[[int], Iterator]:
     """start step -> endless decode(rows) = (x float32 (B, C, H, W), y int64 (B,)) from a Ray Data shard."""
 
@@ -259,8 +173,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from biflow.training.loop import fit
-
     job: StageJob = config["job"]
     reports: Reports = config.get("reports") or Reports()
     _quiet_ray_train()
@@ -277,21 +189,22 @@ def _worker_loop(config: dict[str, Any]) -> None:
         shutil.copyfile(Path(job.work_dir) / job.ckpt_name, ckpt)
     resumed_from = _checkpoint_step(ckpt)
 
-    tcfg = job.train_cfg
+    tcfg = job.train
     if tcfg.batch_size % world:
         raise UserError(f"batch_size {tcfg.batch_size} is not divisible by num_workers {world}")
     # Rank r draws its own noise and label dropout (seed + r); rank 0 keeps the configured seed.
     tcfg = tcfg.model_copy(update={"device": str(device), "seed": tcfg.seed + rank})
     if reports.checkpoint_every_log:
         tcfg = tcfg.model_copy(update={"ckpt_every": tcfg.log_every})
-    model, step_fn, meta, desc = build_stage(job, device)
-    model = model.to(device)
-    unused = job.kind == "reverse" and job.config["reverse_loss"]["strategy"] == "naive_distillation"  # heads get no gradient
-    ddp = _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+    stage = stage_for(job, device)
+    model = stage.model.to(device)
+    unused = job.kind == "reverse" and job.cfg.reverse_loss.strategy == "naive_distillation"  # heads get no gradient
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=unused)
     run = StepRun(job.run) if job.run is not None and rank == 0 else None
     if run is not None and resumed_from:
         run.log_metrics({"resumed_from_step": resumed_from}, resumed_from, prefix="train/")
-    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world, rows_to_model(job),
+    batches = shard_batches(ray.train.get_dataset_shard("train"), tcfg.batch_size // world, job.data.decode_rows,
                             tcfg.seed * 1000 + rank)
     reports.start(job, device, rank)
 
@@ -307,8 +220,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
         else:
             ray.train.report(report)
 
-    fit(ddp, step_fn, batches, tcfg, ckpt, meta=meta, on_log=_log_fn(run, f"{job.kind} rank 0") if rank == 0 else None,
-        desc=desc, progress=False, is_main=rank == 0, on_checkpoint=on_checkpoint)
+    fit(ddp, stage.step, batches, tcfg, ckpt, meta=stage.meta, on_log=_log_fn(run, f"{job.kind} rank 0") if rank == 0 else None,
+        desc=stage.desc, progress=False, is_main=rank == 0, on_checkpoint=on_checkpoint)
     if run is not None:
         run.flush()
     shutil.rmtree(local, ignore_errors=True)
@@ -333,7 +246,7 @@ def train_on_ray(job: StageJob, num_workers: int, scaling: ScalingSection, stora
     from ray.train.torch import TorchTrainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(job.train_uri).select_columns(["latent" if job.latent else "image", "label"])
+    ds = ray.data.read_parquet(job.data.uri).select_columns([job.data.column, "label"])
     if _materialize_needed(num_workers, scaling):
         ds = ds.materialize()
     trainer = TorchTrainer(

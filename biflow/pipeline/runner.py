@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from biflow.config import ConfigError, flatten
-from biflow.errors import UserError
+from biflow.errors import UserError, first_line
 from biflow.pipeline.cache import Storage, code_version, step_key
+from biflow.pipeline.ray_session import check_local_gpus, connect_ray, ray_node_id
 from biflow.pipeline.spec import (PipelineConfig, resolve_artifact_location, resolve_storage,
                                   resolve_tracking_uri)
 from biflow.pipeline.context import StepContext
@@ -94,7 +95,7 @@ def plan(cfg: PipelineConfig, storage: Storage, force: list[str] = ()) -> list[P
     out = []
     for name in active_steps(cfg):
         step = STEPS[name]
-        config, code = step.config(cfg), code_version(step.code)
+        config, code = step.config(cfg), code_version(step.run)  # the sources `run` imports
         inputs = {i: keys[i] for i in step.inputs if i in keys}  # an input step the pipeline lacks is not an input
         keys[name] = key = step_key(name, config, inputs, code)
         record = None if name in forced else storage.read_record(name, key)
@@ -128,7 +129,7 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
             return {"status": "cached (concurrent run)", "record": record, "wall_s": time.perf_counter() - t0}
         parent: RunRef | None = payload["parent"]
         tags = {"biflow.key": key, "biflow.cache": "miss", "biflow.host": socket.gethostname(), "biflow.pid": os.getpid(),
-                "biflow.ray_node": _ray_node_id()}
+                "biflow.ray_node": ray_node_id()}
         run = start_child(parent, name, tags) if parent is not None else None
         try:
             if run is not None:
@@ -158,72 +159,7 @@ def execute_step(payload: dict[str, Any], *upstream: dict[str, Any]) -> dict[str
     return {"status": "ran", "record": record, "wall_s": time.perf_counter() - t0}
 
 
-# ---------------------------------------------------------------------------- Ray
-def _ray_node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray): which machine of the cluster ran a step."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> bool:
-    """Connect to `address`, or start a local Ray (dashboard on 127.0.0.1) with `resources` besides CPUs and GPUs.
-    Returns whether we started one."""
-    import logging
-
-    import ray
-
-    if address:
-        _check_ray_address(address)
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}  # else every print of a Train worker shows twice
-    if address:
-        try:
-            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
-        except Exception as err:
-            raise UserError(f"cannot connect to Ray at {address}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
-        return False
-    ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-             logging_level=logging.WARNING, configure_logging=True)
-    return True
-
-
-def _check_ray_address(address: str) -> None:
-    """A host:port (or ray://host:port) that does not answer is a one-line error in seconds, not a long hang."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
-        raise UserError(f"Ray cluster at {address} is unreachable ({err.strerror or err}); "
-                        "start it (ray start --head) or omit --address for a local Ray") from None
-
-
 # ------------------------------------------------------------------------ running
-def gpu_settings(cfg: PipelineConfig, steps: list[str]) -> list[str]:
-    """The settings by which these steps ask for GPUs."""
-    pipe = cfg.pipeline
-    asks = {"latent": ["pipeline.latent.use_gpu"] if pipe.latent is not None and pipe.latent.use_gpu else [],
-            "evaluate": ["pipeline.evaluate.gpus"] if pipe.evaluate.gpus > 0 else []}
-    for stage in ("train_forward", "train_reverse"):
-        scaling = getattr(pipe, stage)
-        asks[stage] = [f"pipeline.{stage}.use_gpu"] if scaling.use_gpu or scaling.resources_per_worker.get("GPU") else []
-    return [setting for step in steps for setting in asks.get(step, [])]
-
-
-def check_local_gpus(cfg: PipelineConfig, steps: list[str], gpus: float) -> None:
-    wanted = gpu_settings(cfg, steps)
-    if wanted and gpus < 1:
-        raise UserError(f"{', '.join(wanted)} asks for a GPU, but the local Ray sees none on this machine: set it "
-                        "false (or 0), or run on a GPU cluster with --address")
-
-
 def _row(o: Outcome) -> str:
     cpu = (o.record or {}).get("cpu_s") if o.status == "ran" else None
     cpu = f"{cpu:8.1f} s" if cpu is not None else " " * 10
@@ -288,7 +224,7 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
                 if out["status"] != "ran":
                     _log_cache_hit(tracker, parent, p, out["record"])
             except Exception as err:  # the step raised (or an upstream step did)
-                cause = _first_line(err)
+                cause = first_line(err)
                 upstream = failure is not None
                 o = Outcome(p.name, "skipped (upstream failed)" if upstream else "failed",
                             time.perf_counter() - t_submit[p.name], p.key, error=cause)
@@ -309,17 +245,6 @@ def run_pipeline(cfg: PipelineConfig, force: list[str] = (), address: str | None
         if started:
             ray.shutdown()
     return result
-
-
-def _first_line(err: BaseException) -> str:
-    """The root cause of a (possibly nested) Ray task error, as one line."""
-    cause = getattr(err, "cause", None) or err
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-        cause = cause.cause
-    text = str(cause).strip().splitlines()
-    lines = [ln for ln in text if ln.strip() and not ln.startswith(("Traceback", "  "))]
-    msg = lines[-1] if lines else type(cause).__name__
-    return msg if isinstance(cause, UserError) or ":" in msg else f"{type(cause).__name__}: {msg}"
 
 
 def _log_cache_hit(tracker: Tracker, parent: StepRun, p: Planned, record: dict[str, Any] | None = None) -> None:

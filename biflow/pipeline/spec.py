@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from biflow.cluster.storage import is_uri
 from biflow.config import ConfigError, ExperimentConfig, LatentConfig, Section, load_config
 
 
@@ -119,12 +120,6 @@ def load_pipeline_with_data(path: str | Path, overrides: Iterable[str] = ()) -> 
     return cfg, data
 
 
-def is_uri(location: str) -> bool:
-    """A pyarrow.fs URI such as s3://bucket/x (a Windows drive letter is not one)."""
-    scheme, sep, _ = location.partition("://")
-    return bool(sep) and len(scheme) > 1
-
-
 def resolve_storage(cfg: PipelineConfig) -> str:
     """The storage root as an absolute local path or a URI (resolved once, in the driver: Ray workers change directory)."""
     loc = cfg.pipeline.storage
@@ -142,7 +137,7 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
         return f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative sqlite path: make it absolute
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
-    if not is_uri(uri) and not uri.startswith("databricks"):
+    if not is_uri(uri) and not uri.startswith(("databricks", "file://")):
         raise ConfigError(f"tracking URI {uri!r} is not a URI: use sqlite:////abs/path/mlflow.db or http://host:5000")
     return uri
 
@@ -150,7 +145,7 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
 def resolve_artifact_location(cfg: PipelineConfig) -> str:
     loc = cfg.pipeline.artifact_location
     if loc:
-        remote = is_uri(loc) or loc.startswith("mlflow-artifacts:")  # the tracking server's proxied store: as given
+        remote = is_uri(loc) or loc.startswith(("mlflow-artifacts:", "file://"))  # a URI (or the server's proxied store): as given
         return loc if remote else Path(loc).expanduser().resolve().as_uri()
     storage = resolve_storage(cfg)
     return f"{storage.rstrip('/')}/mlartifacts" if is_uri(storage) else (Path(storage) / "mlartifacts").as_uri()

@@ -1,4 +1,5 @@
-"""The steps of a BiFlow experiment and what each declares: inputs, config, code, resources.
+"""The steps of a BiFlow experiment and what each declares: inputs, config sections, resources (the code a step
+runs is derived from its run function's imports: biflow/pipeline/codeset.py).
 
     prepare        dataset -> Parquet shards (train/, test/)
     latent         (only with pipeline.latent) images -> VAE latent shards, Ray Data batch inference
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from biflow.pipeline.cache import link_or_copy
-from biflow.pipeline.context import StepContext, data_dir, ray_running, train_uri, training_data
+from biflow.pipeline.context import StepContext, data_dir, ray_running, training_data
 from biflow.pipeline.evaluation import run_evaluate, run_report
 from biflow.pipeline.spec import PipelineConfig
 
@@ -36,7 +37,6 @@ class StepDef:
     name: str
     inputs: tuple[str, ...]  # upstream steps
     sections: tuple[str, ...]  # config sections (dotted) in this step's key and in its child run's params
-    code: tuple[str, ...]  # package-relative sources its result depends on (the code version)
     run: Callable[[StepContext], dict[str, Any]]
     resources: Callable[[PipelineConfig], dict[str, Any]]  # Ray task options
     identity: Callable[[PipelineConfig], Any] | None = None  # what else its result depends on (e.g. the source data)
@@ -73,7 +73,7 @@ def _data_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _vae_identity(cfg: PipelineConfig) -> dict[str, Any]:
     """The VAE's files (path, size, mtime: a replaced checkpoint re-encodes), or the hub id as given."""
-    from biflow.data.builtin import tree_fingerprint
+    from biflow.data.imagefolder import tree_fingerprint
 
     path = Path(cfg.pipeline.latent.vae).expanduser()
     return {"vae_files": tree_fingerprint(path) if path.is_dir() else None}
@@ -143,24 +143,19 @@ def run_latent(ctx: StepContext) -> dict[str, Any]:
 
 # --------------------------------------------------------------------- training
 def _stage_job(ctx: StepContext, kind: str, **extra):
+    from biflow.config import ExperimentConfig
     from biflow.pipeline.raytrain import StageJob
 
-    src = training_data(ctx)
-    rec = ctx.inputs[src]["result"]
-    latent = None
-    if src == "latent":  # the checkpoints record the VAE (to decode samples) and the images behind the latents
-        latent = {"codec": ctx.cfg.pipeline.latent.codec().model_dump(), "image_dir": str(data_dir(ctx)),
-                  "image_hash": ctx.inputs["prepare"]["result"]["splits"]["train"]["content_hash"]}
-    return StageJob(kind=kind, config=ctx.cfg.model_dump(exclude={"pipeline"}), data_dir=str(data_dir(ctx, src)),
-                    train_uri=train_uri(ctx, src), data_meta=rec["meta"], data_hash=rec["splits"]["train"]["content_hash"],
-                    work_dir=str(ctx.work), run=ctx.run.ref if ctx.run is not None else None, latent=latent, **extra)
+    cfg = ExperimentConfig.model_validate(ctx.cfg.model_dump(exclude={"pipeline"}))
+    return StageJob(kind=kind, cfg=cfg, data=training_data(ctx), work_dir=str(ctx.work),
+                    run=ctx.run.ref if ctx.run is not None else None, **extra)
 
 
 def _train(ctx: StepContext, job) -> tuple[Path, dict[str, Any]]:
     from biflow.pipeline.raytrain import train_stage
 
     section = f"train_{job.kind}"
-    workers = getattr(ctx.cfg, section).num_workers
+    workers = job.train.num_workers
     ctx.log(f"training {'in-process' if workers == 0 else f'on Ray Train with {workers} workers'}")
     ckpt, summary = train_stage(job, workers, getattr(ctx.cfg.pipeline, section), ctx.storage.uri("_work", ctx.name, ctx.key),
                                 f"{ctx.name}-{ctx.key}")
@@ -172,21 +167,20 @@ def _train(ctx: StepContext, job) -> tuple[Path, dict[str, Any]]:
 
 def run_train_forward(ctx: StepContext) -> dict[str, Any]:
     from biflow.checkpoint import load_checkpoint
-    from biflow.pipeline.raytrain import load_training_split
     from biflow.training.forward import evaluate_bpd
 
     job = _stage_job(ctx, "forward")
     ckpt, summary = _train(ctx, job)
     flow = load_checkpoint(ckpt)
-    x, y = load_training_split(job, "test")  # bits/dim per model dimension: of pixels, or of VAE latents
-    bpd = evaluate_bpd(flow, x, y if flow.cfg.num_classes else None, pixels=job.latent is None)
+    x, y = job.data.tensors("test")  # bits/dim per model dimension: of pixels, or of VAE latents
+    bpd = evaluate_bpd(flow, x, y if flow.cfg.num_classes else None, pixels=not job.data.latent)
     metrics = {"test/bits_per_dim": bpd, "train/steps": summary["steps"], "train/resumed_from_step": summary["resumed_from_step"]}
     if ctx.run is not None:
         ctx.run.log_metrics(metrics, step=summary["steps"])
     ctx.log(f"{summary['steps']} steps, test bits/dim {bpd:.4f}")
     return {"checkpoint": ckpt.name, "training": summary, "metrics": metrics,
             "params": sum(p.numel() for p in flow.parameters()),
-            "latent_shape": job.data_meta["latent_shape"] if job.latent is not None else None}
+            "latent_shape": job.data.meta["latent_shape"] if job.data.latent else None}
 
 
 def run_train_reverse(ctx: StepContext) -> dict[str, Any]:
@@ -212,23 +206,19 @@ def run_train_reverse(ctx: StepContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- DAG
-_DATA_CODE = ("data", "atomic.py")
-_FORWARD_CODE = _DATA_CODE + ("models/forward_flow.py", "models/layers.py", "objectives/nll.py", "training",
-                              "checkpoint.py", "pipeline/raytrain.py")
+# Each step's code version covers the sources its run function imports (biflow/pipeline/codeset.py).
 STEPS: dict[str, StepDef] = {s.name: s for s in (
-    StepDef("prepare", (), ("data",), _DATA_CODE, run_prepare, lambda cfg: {"num_cpus": 1}, _data_identity),
+    StepDef("prepare", (), ("data",), run_prepare, lambda cfg: {"num_cpus": 1}, _data_identity),
     # Ray Data's read tasks and encoding actors reserve their own CPUs/GPUs: the driving task takes none.
-    StepDef("latent", ("prepare",), ("pipeline.latent",), _DATA_CODE + ("latent",), run_latent,
-            lambda cfg: {"num_cpus": 0}, _vae_identity, enabled=lambda cfg: cfg.pipeline.latent is not None),
-    StepDef("train_forward", ("prepare", "latent"), ("forward", "train_forward"), _FORWARD_CODE, run_train_forward,
+    StepDef("latent", ("prepare",), ("pipeline.latent",), run_latent, lambda cfg: {"num_cpus": 0}, _vae_identity,
+            enabled=lambda cfg: cfg.pipeline.latent is not None),
+    StepDef("train_forward", ("prepare", "latent"), ("forward", "train_forward"), run_train_forward,
             _training_resources("train_forward")),
     StepDef("train_reverse", ("prepare", "latent", "train_forward"), ("reverse", "reverse_loss", "train_reverse"),
-            _FORWARD_CODE + ("models", "objectives", "latent/vae.py"), run_train_reverse, _training_resources("train_reverse")),
-    StepDef("evaluate", ("prepare", "train_forward", "train_reverse"), ("pipeline.evaluate",),
-            ("metrics", "sampling", "models", "latent/vae.py", "commands/eval.py", "pipeline/evaluation.py"), run_evaluate,
+            run_train_reverse, _training_resources("train_reverse")),
+    StepDef("evaluate", ("prepare", "train_forward", "train_reverse"), ("pipeline.evaluate",), run_evaluate,
             lambda cfg: {"num_cpus": cfg.pipeline.evaluate.cpus, "num_gpus": cfg.pipeline.evaluate.gpus}),
-    StepDef("report", ("train_forward", "train_reverse", "evaluate"), (), ("pipeline/evaluation.py",), run_report,
-            lambda cfg: {"num_cpus": 1}),
+    StepDef("report", ("train_forward", "train_reverse", "evaluate"), (), run_report, lambda cfg: {"num_cpus": 1}),
 )}
 ORDER = tuple(STEPS)  # a topological order
 

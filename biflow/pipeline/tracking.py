@@ -140,15 +140,14 @@ class StepRun:
         import mlflow
         import mlflow.pytorch
 
-        import biflow
-
+        package = Path(__file__).resolve().parents[1]  # the biflow package (not `import biflow`: no code-set edge to models)
         mlflow.set_tracking_uri(self.ref.uri)
         quiet = logging.getLogger("mlflow.pytorch")  # its pickle warning: this docstring says why pickle
         level, quiet.level = quiet.level, logging.ERROR
         try:
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pytorch.log_model(model.cpu().eval(), name="reverse_model", registered_model_name=name,
-                                                serialization_format="pickle", code_paths=[str(Path(biflow.__file__).parent)],
+                                                serialization_format="pickle", code_paths=[str(package)],
                                                 pip_requirements=["torch", "einops", "pydantic", "numpy"])
         finally:
             quiet.setLevel(level)

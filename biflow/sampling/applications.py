@@ -35,6 +35,22 @@ def token_mask(mask: torch.Tensor, shape: torch.Size, patch_size: int) -> torch.
     return unpatchify(known, patch_size, c) > 0.5
 
 
+REGIONS = ("top", "bottom", "left", "right", "center")
+
+
+def region_mask(keep: str, size: int) -> torch.Tensor:
+    """(1, 1, size, size) mask of a named region (REGIONS), 1 = known pixels."""
+    if keep not in REGIONS:
+        raise ValueError(f"unknown region {keep!r}; choose one of {', '.join(REGIONS)}")
+    m = torch.zeros(1, 1, size, size)
+    half, q = size // 2, size // 4
+    region = {"top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
+              "left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
+              "center": (slice(q, size - q), slice(q, size - q))}[keep]
+    m[(0, 0, *region)] = 1
+    return m
+
+
 @torch.no_grad()
 def inpaint(
     flow: ForwardFlow,

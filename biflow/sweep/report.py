@@ -20,6 +20,7 @@ import yaml
 
 from biflow.atomic import atomic_write_bytes
 from biflow.config import apply_overrides
+from biflow.metrics.format import fmt
 from biflow.sweep.space import EXACT_CASE, Space
 
 REFERENCE_ID = "exact"
@@ -130,10 +131,6 @@ def trials_csv(rows: list[dict[str, Any]], space: Space, metric: str) -> str:
     return buf.getvalue()
 
 
-def _fmt(v: float | None, digits: int = 4) -> str:
-    return "—" if v is None else f"{v:.{digits}g}"
-
-
 def ablation_table(space: Space, rows: list[dict[str, Any]], metric: str, dataset: str) -> tuple[str, list[dict]]:
     """The paper's ablation table with our numbers beside it (markdown), and its rows as dicts."""
     table = space.spec.table
@@ -155,7 +152,7 @@ def ablation_table(space: Space, rows: list[dict[str, Any]], metric: str, datase
         mean = statistics.fmean(vals) if vals else None
         sd = statistics.stdev(vals) if len(vals) > 1 else None
         ms = statistics.fmean(r["ms_per_image"] for r in done) if done else None
-        ours = _fmt(mean) + (f" ± {_fmt(sd, 2)}" if sd is not None else "")
+        ours = fmt(mean, missing="—") + (f" ± {fmt(sd, 2)}" if sd is not None else "")
         if not done:
             states = sorted({r.get("status", "?") for r in got}) or ["not run"]
             ours = "— (" + ", ".join(states) + ")"
@@ -164,7 +161,7 @@ def ablation_table(space: Space, rows: list[dict[str, Any]], metric: str, datase
         section = row.section if row.section != last else ""
         last = row.section
         paper = "—" if row.paper is None else f"{row.paper:.2f}"
-        lines.append(f"| {section} | {row.row} | {paper} | {ours} | {_fmt(ms, 3)} | {nfe if nfe is not None else '—'} "
+        lines.append(f"| {section} | {row.row} | {paper} | {ours} | {fmt(ms, 3, missing='—')} | {nfe if nfe is not None else '—'} "
                      f"| {count} | {row.note or ''} |")
         out_rows.append({"section": row.section, "setting": row.row, "case": row.case, "paper": row.paper,
                          "ours": mean, "ours_std": sd, "ms_per_image": ms, "nfe": nfe, "finished": len(done),

@@ -132,16 +132,15 @@ def time_samplers(rows: list[dict], reference: dict | None, cfg, space: Space, e
     """
     import torch
 
-    from biflow.checkpoint import read_checkpoint
-    from biflow.commands.eval import build_sampler
+    from biflow.device import resolve_device
     from biflow.metrics import time_sampler
     from biflow.metrics.evaluate import balanced_labels
-    from biflow.training.loop import resolve_device
+    from biflow.sampling.draw import load_sampler
 
     ev = cfg.pipeline.evaluate
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(ev.cpus)))
-    device = resolve_device(ev.device)
+    device = resolve_device(ev.device, "pipeline.evaluate.device")
     todo = [r for r in rows if r["status"] == "finished" and r.get("checkpoint")] + ([reference] if reference else [])
     echo(f"  timing {len(todo)} sampler(s) one at a time: batch {ev.timing_batch}, median of {ev.timing_repeats}, "
          f"best of {rounds} rounds, {max(1, int(ev.cpus))} thread(s)")
@@ -150,14 +149,14 @@ def time_samplers(rows: list[dict], reference: dict | None, cfg, space: Space, e
         for r in todo:
             path = Path(r["checkpoint"])
             sampler = "exact" if r["trial_id"] == REFERENCE_ID else "1nfe"
-            fn, num_classes, nfe, _ = build_sampler(path, read_checkpoint(path), sampler, ev.guidance, True, ev.seed, device)
+            s = load_sampler(path, sampler, ev.guidance, True, ev.seed, device)
 
-            def draw(b: int, fn=fn, num_classes=num_classes):
-                y = balanced_labels(b, num_classes)
-                return fn(b, None if y is None else torch.from_numpy(y))
+            def draw(b: int, s=s):
+                y = balanced_labels(b, s.num_classes)
+                return s.sample(b, None if y is None else torch.from_numpy(y))
 
             draws.append(draw)
-            r["nfe"], r["ms_per_image"] = nfe, float("inf")
+            r["nfe"], r["ms_per_image"] = s.nfe, float("inf")
         for _ in range(rounds):
             for r, draw in zip(todo, draws):
                 t = time_sampler(draw, ev.timing_batch, repeats=ev.timing_repeats, warmup=1, device=device)

@@ -264,7 +264,7 @@ def sweepable_keys() -> set[str]:
 def check_coupled(cfg, where: str) -> None:
     """What pydantic cannot see: settings that must agree with each other or with the trained forward flow."""
     from biflow.objectives.reverse import STRATEGY_FEEDBACK
-    from biflow.training.reverse import GEOMETRY
+    from biflow.training.stages import GEOMETRY
 
     need = STRATEGY_FEEDBACK.get(cfg.reverse_loss.strategy)
     if need is not None and cfg.reverse.head_feedback != need:

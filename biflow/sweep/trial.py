@@ -76,7 +76,7 @@ class Validator:
         reference_stats: a FeatureNet and the data's FeatureStats for val_fd (None: val_recon only)."""
         from biflow.data import to_model
         from biflow.metrics.evaluate import balanced_labels
-        from biflow.training.reverse import frozen_flow
+        from biflow.training.stages import frozen_flow
 
         self.flow = frozen_flow(flow_path, device)
         self.device, self.guidance = device, guidance
@@ -155,10 +155,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: one trial (config = {"params": {axis: value}})."""
     import ray.tune
 
+    from biflow.config import ExperimentConfig
+    from biflow.device import resolve_device
+    from biflow.pipeline.context import training_data
     from biflow.pipeline.raytrain import StageJob
-    from biflow.pipeline.context import data_dir, train_uri
     from biflow.sweep.upstream import forward_checkpoint, resolve_upstream, step_context
-    from biflow.training.loop import resolve_device
 
     trial_id = ray.tune.get_context().get_trial_id()
     values = config["params"]
@@ -172,22 +173,21 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     work.mkdir(parents=True, exist_ok=True)
     ctx = step_context(cfg, storage, records, work)
     fwd_path, fwd_uri = forward_checkpoint(ctx)
-    prep = records["prepare"]["result"]
-    job = StageJob(kind="reverse", config=cfg.model_dump(exclude={"pipeline"}), data_dir=str(data_dir(ctx)),
-                   train_uri=train_uri(ctx), data_meta=prep["meta"], data_hash=prep["splits"]["train"]["content_hash"],
-                   work_dir=str(work), forward_ckpt=str(fwd_path), forward_ckpt_uri=fwd_uri)
+    experiment = ExperimentConfig.model_validate(cfg.model_dump(exclude={"pipeline"}))
+    job = StageJob(kind="reverse", cfg=experiment, data=training_data(ctx), work_dir=str(work), forward_ckpt=str(fwd_path),
+                   forward_ckpt_uri=fwd_uri)
     t_train = time.perf_counter()
-    device = resolve_device(cfg.train_reverse.device)
-    val_batch = validation_batch(job.data_dir, setup.space.spec.val_images)
+    device = resolve_device(cfg.train_reverse.device, "train_reverse.device")
+    val_batch = validation_batch(job.data.root, setup.space.spec.val_images)
     want_fd = setup.space.scheduler_metric == "val_fd"
-    validator = validator_for(cfg, fwd_path, job.data_dir, val_batch, setup.metrics_cache, device, want_fd)
+    validator = validator_for(cfg, fwd_path, job.data.root, val_batch, setup.metrics_cache, device, want_fd)
     if cfg.train_reverse.num_workers == 0:
         ckpt, steps, loss = _train_here(job, validator, device)
     else:
         ckpt, steps, loss = _train_on_ray_train(job, cfg, setup, trial_id, val_batch)
     t_eval = time.perf_counter()
     val = validator(ckpt)
-    scores = final_scores(ckpt, cfg, job.data_dir, storage, setup.threads, work)
+    scores = final_scores(ckpt, cfg, job.data.root, storage, setup.threads, work)
     # The validation metrics and the loss repeat the scheduler's metric (Tune requires it in every report);
     # `step` is absent, so the scheduler does not treat this report as another rung.
     ray.tune.report({FINAL: 1, **scores, **val, "loss": loss,
@@ -200,20 +200,17 @@ def _train_here(job, validator: Validator, device: torch.device) -> tuple[Path, 
     """Stage 2 in this process with the pipeline's `fit`; resumes from the trial's own checkpoint."""
     import ray.tune
 
-    from biflow.pipeline.raytrain import split_batches, build_stage
-    from biflow.training.loop import fit
+    from biflow.pipeline.raytrain import stage_for
+    from biflow.training.stages import train_in_memory
 
     # One checkpoint per report: the validator reads the EMA weights from it, and a restarted trial resumes there.
-    tcfg = job.train_cfg.model_copy(update={"ckpt_every": job.train_cfg.log_every})
-    model, step_fn, meta, desc = build_stage(job, device)
-    train = split_batches(job, "train")
+    train = job.train.model_copy(update={"ckpt_every": job.train.log_every})
 
     def on_checkpoint(path: Path, step: int, metrics: dict[str, float]) -> None:
         ray.tune.report({**_train_metrics(step, metrics), **validator(path)})
 
     ckpt = Path(job.work_dir) / job.ckpt_name
-    trainer = fit(model, step_fn, lambda start: train(tcfg.batch_size, tcfg.seed + start), tcfg, ckpt,
-                  meta=meta, desc=desc, progress=False, on_checkpoint=on_checkpoint)
+    trainer = train_in_memory(stage_for(job, device), job.data, ckpt, train=train, on_checkpoint=on_checkpoint)
     return ckpt, trainer.step, float(trainer.metrics.get("loss", float("nan")))
 
 
@@ -232,10 +229,10 @@ class TrialReports(Reports):
         self.validator: Validator | None = None
 
     def start(self, job, device: torch.device, rank: int) -> None:
-        from biflow.pipeline.raytrain import _local_file
+        from biflow.pipeline.raytrain import local_input
 
         if rank == 0:  # the feature net and reference statistics come from the metrics cache (or are rebuilt here)
-            self.validator = validator_for(self.cfg, _local_file(job.forward_ckpt, job.forward_ckpt_uri), job.data_dir,
+            self.validator = validator_for(self.cfg, local_input(job.forward_ckpt, job.forward_ckpt_uri), job.data.root,
                                            self.val_batch, self.cache_dir, device, self.want_fd)
 
     def metrics(self, step: int, metrics: dict[str, float], resumed_from: int) -> dict[str, float]:

@@ -1,27 +1,17 @@
-"""Stage 1: train the forward flow F by exact maximum likelihood on noise-augmented data."""
+"""Stage 1's objective (exact maximum likelihood on noise-augmented data) and held-out bits/dim; the stage itself
+is built by biflow.training.stages."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from biflow.config import ExperimentConfig, ForwardConfig
+from biflow.config import ForwardConfig
 from biflow.models.forward_flow import ForwardFlow
 from biflow.objectives.nll import PIXEL_BIN_LOG, bits_per_dim, drop_labels, nll_loss
-from biflow.training.loop import StepFn, Trainer, fit
+from biflow.training.loop import StepFn
 
 GAUSS_CONST = 0.5 * math.log(2 * math.pi)
-
-
-def with_geometry(cfg: ForwardConfig, meta: dict) -> ForwardConfig:
-    """The forward config with its geometry (channels, side, classes) taken from the dataset metadata."""
-    height, width, channels = meta["image_shape"]
-    if height != width:
-        raise ValueError(f"images must be square, dataset has {height}x{width}")
-    return ForwardConfig(**{**cfg.model_dump(), "in_channels": channels, "image_size": height,
-                            "num_classes": cfg.num_classes and meta["num_classes"]})
 
 
 def forward_step(cfg: ForwardConfig, pixels: bool = True) -> StepFn:
@@ -55,22 +45,3 @@ def evaluate_bpd(flow: ForwardFlow, x: torch.Tensor, y: torch.Tensor | None, bat
         yb = None if y is None else y[i : i + batch_size].to(device)
         total += bits_per_dim(flow.log_prob(xb, yb), flow.dims, pixels).sum().item()
     return total / x.shape[0]
-
-
-def train_forward(cfg: ExperimentConfig, out_dir: str | Path, on_log: Callable | None = None,
-                  progress: bool = True) -> tuple[Trainer, Path]:
-    """Prepare the data, build F from the config (geometry from the data) and train it; resumes if possible."""
-    from biflow.data import batches, load_split, prepare
-
-    out_dir = Path(out_dir)
-    data_dir = prepare(cfg.data, out_dir / "data")
-    train = load_split(data_dir, "train")
-    fcfg = with_geometry(cfg.forward, train.meta)
-    torch.manual_seed(cfg.train_forward.seed)  # reproducible initial weights
-    flow = ForwardFlow(fcfg)
-    ckpt = out_dir / "forward.pt"
-    meta = {"data": cfg.data.model_dump(), "data_dir": str(Path(data_dir).resolve()), "data_hash": train.content_hash}
-    tcfg = cfg.train_forward
-    trainer = fit(flow, forward_step(fcfg), lambda start: batches(train, tcfg.batch_size, seed=tcfg.seed + start),
-                  tcfg, ckpt, meta=meta, on_log=on_log, desc="stage 1: forward flow", progress=progress)
-    return trainer, ckpt

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from biflow.checkpoint import FORMAT, atomic_save, load_weights, model_kind, read_checkpoint
 from biflow.config import TrainConfig
+from biflow.device import resolve_device
 from biflow.errors import CheckpointError, UserError
 
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
@@ -29,14 +30,6 @@ Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # start 
 
 class TrainingDiverged(UserError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -62,7 +55,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, ckpt_path: Path, meta: dict[str, Any]):
         self.cfg, self.ckpt_path, self.meta = cfg, Path(ckpt_path), meta
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, "train.device")
         self.model = model.to(self.device).train()  # may be DDP-wrapped (Ray Train); `net` is the bare model
         self.net: nn.Module = getattr(model, "module", model)
         self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
