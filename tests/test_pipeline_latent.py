@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from biflow.checkpoint import read_checkpoint
@@ -140,10 +141,37 @@ def test_inpainting_and_class_editing_run_in_latent_space_on_images(latent_run, 
 
 
 def test_biflow_eval_scores_decoded_samples_of_a_latent_checkpoint(latent_run, tmp_path, capsys):
+    """`biflow eval` on a latent reverse checkpoint scores the VAE-decoded samples against the 16x16 RGB training
+    images (not latents): fd_evaluator equals the Fréchet distance recomputed from the same draws (noise seed 0,
+    balanced labels, batches of 8, decoded by the checkpoint's VAE) under the evaluator the command trained."""
+    from biflow.checkpoint import load_checkpoint
+    from biflow.data import load_split
+    from biflow.metrics import FeatureStats, as_uint8_nhwc
+    from biflow.metrics.evaluator import load_or_train_evaluator
+    from biflow.sampling import sample_1nfe
+    from biflow.sampling.draw import image_decoder
+
+    path = only(latent_run / "train_reverse") / "reverse.pt"
     out = tmp_path / "eval.json"
-    code, stdout, _ = run_cli(capsys, "eval", str(only(latent_run / "train_reverse") / "reverse.pt"), "--num", "16",
-                              "--batch", "8", "--repeats", "1", "--cache-dir", str(tmp_path / "metrics"), "--out", str(out))
+    code, stdout, _ = run_cli(capsys, "eval", str(path), "--num", "16", "--batch", "8", "--repeats", "1",
+                              "--cache-dir", str(tmp_path / "metrics"), "--out", str(out))
     assert code == 0 and "decode_ms_per_image" in stdout
     result = json.loads(out.read_text())
     assert result["nfe"] == 1 and result["decode_ms_per_image"] > 0 and result["num_samples"] == 16
-    assert result["fd_evaluator"] >= 0  # against the 16x16 RGB training images, not latents
+
+    ckpt = read_checkpoint(path)
+    assert ckpt.get("denoising") != "score"  # so the command's 1-NFE samples are G's output itself
+    train = load_split(ckpt["data_dir"], "train")
+    assert train.images.shape[1:] == (16, 16, 3) and result["num_reference"] == len(train)
+    evaluator = load_or_train_evaluator(train.images, train.labels, content_hash=train.content_hash,
+                                        cache_dir=tmp_path / "metrics")
+    assert evaluator.info["from_cache"]  # the evaluator the command trained and cached
+    reverse, decode, gen = load_checkpoint(path), image_decoder(ckpt), torch.Generator().manual_seed(0)
+    labels = torch.arange(16) % reverse.cfg.num_classes
+    with torch.no_grad():
+        images = np.concatenate([as_uint8_nhwc(decode(sample_1nfe(reverse, 8, labels[i:i + 8], 0.0, generator=gen)))
+                                 for i in (0, 8)])
+    assert images.shape == (16, 16, 16, 3)
+    fd = FeatureStats.from_features(evaluator.features(train.images)).frechet(
+        FeatureStats.from_features(evaluator.features(images)))
+    assert result["fd_evaluator"] == pytest.approx(fd, rel=1e-4)
