@@ -18,8 +18,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/biflow run pipelines/digits.yaml
 
+# lint-imports: the layer contract of docs/ARCHITECTURE.md (pyproject's [tool.importlinter]), in a second;
 # --durations=20: the suite ends with its 20 slowest tests, to keep CI time in view
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
