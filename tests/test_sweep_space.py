@@ -232,7 +232,7 @@ def test_a_sweep_whose_driver_died_is_closed_in_mlflow_by_the_next_invocation(tm
     import json
 
     from biflow.pipeline.tracking import Tracker, start_child
-    from biflow.sweep.runner import _close_if_dead, _hold
+    from biflow.sweep.rundir import close_if_dead, hold
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", (tmp_path / "art").as_uri())
     parent = tracker.start_parent("sweep", {}, {"biflow.kind": "sweep"})
@@ -240,11 +240,11 @@ def test_a_sweep_whose_driver_died_is_closed_in_mlflow_by_the_next_invocation(tm
     run_dir = tmp_path / "run-1"
     run_dir.mkdir()
     (run_dir / "sweep.json").write_text(json.dumps({"parent_run_id": parent.run_id, "status": "running"}))
-    held = _hold(run_dir)  # the driver is alive: nothing is touched
-    _close_if_dead(run_dir, tracker)
+    held = hold(run_dir)  # the driver is alive: nothing is touched
+    close_if_dead(run_dir, tracker)
     assert tracker.client.get_run(parent.run_id).info.status == "RUNNING"
     held.close()  # the driver died
-    _close_if_dead(run_dir, tracker)
+    close_if_dead(run_dir, tracker)
     assert tracker.client.get_run(parent.run_id).info.status == "KILLED"
     assert tracker.client.get_run(child.run_id).info.status == "KILLED"
     assert tracker.client.get_run(child.run_id).data.tags["biflow.trial.status"] == "interrupted"
@@ -257,7 +257,7 @@ def test_a_sweep_over_several_nodes_with_an_object_store_root_is_refused(tmp_pat
 
     from biflow.errors import UserError
     from biflow.pipeline.cache import Storage
-    from biflow.sweep.runner import check_sweep_storage
+    from biflow.sweep.tune_setup import check_sweep_storage
 
     remote = Storage(f"file://{tmp_path / 'remote'}", local_dir=str(tmp_path / "local"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from biflow.config import ConfigError, ForwardConfig, ReverseConfig, ReverseLossConfig
+from biflow.config import FLOW_GEOMETRY, ConfigError, ForwardConfig, ReverseConfig, ReverseLossConfig
 from biflow.models.forward_flow import ForwardFlow
 from biflow.models.layers import patchify, unpatchify
 from biflow.models.reverse import ReverseModel
@@ -85,7 +85,7 @@ def reverse_losses(
 
 def check_pair(flow_cfg: ForwardConfig, reverse_cfg: ReverseConfig, loss_cfg: ReverseLossConfig) -> None:
     """The reverse model must mirror the flow's geometry, blocks and classes, and suit the strategy."""
-    for key in ("in_channels", "image_size", "patch_size", "num_blocks", "num_classes"):
+    for key in FLOW_GEOMETRY:
         f, r = getattr(flow_cfg, key), getattr(reverse_cfg, key)
         if f != r:
             raise ConfigError(f"reverse.{key} = {r} does not match the forward flow's {f}")

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,19 +62,15 @@ def _side_by_side(grids: dict[str, np.ndarray], nrow: int):
 def run_evaluate(ctx: StepContext) -> dict[str, Any]:
     from PIL import Image
 
-    from biflow.data import load_split, save_grid
+    from biflow.data import save_grid
     from biflow.device import resolve_device
-    from biflow.metrics import Reference, get_feature_net, reference_stats
+    from biflow.sampling.scoring import warm_reference
 
     ev = ctx.cfg.pipeline.evaluate
     cache_dir = metrics_cache(ctx.storage)
     ddir = data_dir(ctx)
     device = resolve_device(ev.device, "pipeline.evaluate.device")
-    # Train the evaluator / compute the reference statistics once, before the samplers fan out and load them.
-    reference = Reference.from_shardset(load_split(ddir, "train"), "train")
-    net = get_feature_net(ev.features, inception_weights=ev.inception_weights, reference=reference, cache_dir=cache_dir,
-                          device=str(device), log=ctx.log)
-    reference_stats(reference, net, cache_dir)
+    warm_reference(ddir, ev.features, ev.inception_weights, cache_dir, device, ctx.log)  # once, before the fan-out
     ckpts = {"1nfe": ctx.input_dir("train_reverse") / ctx.inputs["train_reverse"]["result"]["checkpoint"],
              "exact": ctx.input_dir("train_forward") / ctx.inputs["train_forward"]["result"]["checkpoint"]}
     specs = [dict(sampler=s, checkpoint=str(ckpts[s]), data_dir=str(ddir), cache_dir=str(cache_dir), guidance=ev.guidance,

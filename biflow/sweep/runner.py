@@ -20,7 +20,6 @@ the report files. The hash covers the space file, the pipeline data and --num-sa
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -33,17 +32,17 @@ from biflow.errors import UserError
 from biflow.pipeline.cache import Storage, digest
 from biflow.pipeline.spec import load_pipeline_with_data, resolve_artifact_location, resolve_tracking_uri
 from biflow.pipeline.tracking import RunRef, StepRun, Tracker
-from biflow.sweep.report import write_text
 from biflow.sweep.results import (SweepResult, collect, end_open_trials, finish_reference, start_reference,
                                   time_samplers, write_report)
 from biflow.sweep.loading import load_space
 from biflow.sweep.space import FORWARD_SECTIONS, Space
+from biflow.sweep.rundir import STATE, close_if_dead, hold, read_state, runs_of, sweeps_root, write_state
 from biflow.sweep.tracking import KIND, TrialRuns
 from biflow.sweep.trial import TrialSetup, run_trial
+from biflow.sweep.tune_setup import (build_scheduler, check_sweep_storage, connect, search_algorithm, trial_dirname,
+                                     trial_name, trial_resources)
 from biflow.sweep.upstream import resolve_upstream, step_context
 
-TRAIN_DRIVER = "train_driver"  # custom resource of trials that only drive a Ray Train run (see ECOSYSTEM)
-STATE = "sweep.json"
 
 
 # ------------------------------------------------------------------ inputs
@@ -51,80 +50,6 @@ def raw_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> tuple[Any, 
     """(validated PipelineConfig, the file's raw data with the overrides applied): trials are built from the raw data,
     so a swept `size` still fills the fields the file leaves out."""
     return load_pipeline_with_data(path, overrides)
-
-
-def sweeps_root(storage: Storage) -> Path:
-    return (Path(storage.root) if storage.is_local else storage.local_dir) / "_sweeps"
-
-
-def _runs_of(sweep_dir: Path) -> list[Path]:
-    runs = [p for p in sweep_dir.glob("run-*") if (p / STATE).is_file() and p.name[4:].isdigit()]
-    return sorted(runs, key=lambda p: int(p.name[4:]))
-
-
-def _read_state(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / STATE).read_text())
-
-
-def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    write_text(run_dir / STATE, json.dumps(state, indent=1, sort_keys=True, default=str) + "\n")
-
-
-# --------------------------------------------------------------------- Ray
-def connect(address: str | None) -> bool:
-    """A local Ray (with the train_driver resource for data-parallel trials), or the cluster at `address`."""
-    from biflow.pipeline.runner import connect_ray
-
-    return connect_ray(address, resources={TRAIN_DRIVER: 64})
-
-
-def check_sweep_storage(storage: Storage) -> None:
-    """A sweep keeps Tune's state and trial checkpoints under the storage root, or, for an object-store root, on
-    the driver's disk: several nodes then cannot share them, so that is refused rather than losing trials' work."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if not storage.is_local and len(nodes) > 1:
-        raise UserError(f"pipeline.storage {storage.root}: a sweep on {len(nodes)} nodes needs a shared filesystem "
-                        "root (an NFS path mounted everywhere); object-store roots work for `biflow run`, and for "
-                        "sweeps on one machine")
-
-
-def trial_resources(space: Space, cfg) -> tuple[dict[str, float], int]:
-    """(Tune resources of one trial, how many fit at once)."""
-    import ray
-
-    total = ray.cluster_resources()
-    cpus = total.get("CPU", 1.0)
-    workers = cfg.train_reverse.num_workers
-    if workers == 0:
-        per = space.spec.cpus_per_trial
-        fit = max(1, int(cpus // per))
-        return {"cpu": per}, min(space.spec.max_concurrent or fit, fit)
-    scaling = cfg.pipeline.train_reverse
-    per_worker = scaling.resources_per_worker.get("CPU", 0 if scaling.use_gpu else 1)
-    fit = max(1, int(cpus // max(per_worker * workers, 1e-9))) if per_worker else space.spec.max_concurrent or 1
-    res = {"cpu": 0, TRAIN_DRIVER: 1} if total.get(TRAIN_DRIVER) else {"cpu": 0.01}
-    return res, min(space.spec.max_concurrent or fit, fit)
-
-
-def build_scheduler(space: Space, steps: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    s = space.spec.scheduler
-    grace = min(s.grace_period or 2 * space.spec.report_every, s.max_t or steps)
-    if s.type == "asha":  # stop_last_trials=False: a trial that reaches max_t still gets scored
-        return ASHAScheduler(time_attr="step", metric=space.scheduler_metric, mode="min", max_t=s.max_t or steps, grace_period=grace,
-                             reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=False)
-    return FIFOScheduler()
-
-
-def trial_name(trial) -> str:
-    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
-
-
-def trial_dirname(trial) -> str:
-    return trial.trial_id
 
 
 # ------------------------------------------------------------------- sweep
@@ -149,7 +74,7 @@ class SweepRun:
         return self.space.num_trials(self.num_samples)
 
     def save_state(self, status: str) -> None:
-        _write_state(self.run_dir, {**self.state, "status": status, "updated": time.time()})
+        write_state(self.run_dir, {**self.state, "status": status, "updated": time.time()})
 
 
 def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list[str] = (), num_samples: int | None = None,
@@ -176,13 +101,13 @@ def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list
     storage.check_writable()
     sweep_id = f"{space.name}-{digest({'space': space.raw, 'pipeline': base, 'num_samples': n})[:10]}"
     sweep_dir = sweeps_root(storage) / sweep_id
-    previous = _runs_of(sweep_dir)
+    previous = runs_of(sweep_dir)
     if resume and not previous:
         raise UserError(f"nothing to resume: no earlier run of {space_path} with this pipeline, these overrides and "
                         f"{n} samples under {sweep_dir}; run without --resume")
     tracker = Tracker(resolve_tracking_uri(cfg), cfg.pipeline.experiment, resolve_artifact_location(cfg))
     for old in previous:  # runs whose driver died (killed, machine lost) must not stay RUNNING in MLflow
-        _close_if_dead(old, tracker)
+        close_if_dead(old, tracker)
     if resume:
         run_dir, lock, parent, state = _reopen(previous[-1], tracker, echo)
     else:
@@ -217,7 +142,7 @@ def run_sweep(space_path: str | Path, pipeline_path: str | Path, overrides: list
 def _start(run_dir: Path, tracker: Tracker, space: Space, cfg, state: dict[str, Any], echo) -> tuple[Any, StepRun]:
     """A new run directory, held, and its MLflow parent run (recorded in `state`): (lock, parent)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = _hold(run_dir)
+    lock = hold(run_dir)
     name, n = f"{run_dir.parent.name}/{run_dir.name}", state["num_samples"]
     parent = tracker.start_parent(f"sweep {space.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", _parent_params(space, cfg, n),
                                   {KIND: "sweep", "biflow.sweep": name, "biflow.space": state["space"],
@@ -230,53 +155,16 @@ def _start(run_dir: Path, tracker: Tracker, space: Space, cfg, state: dict[str, 
 
 def _reopen(run_dir: Path, tracker: Tracker, echo) -> tuple[Path, Any, StepRun, dict[str, Any]]:
     """An earlier run, held again, its parent run RUNNING again: (run_dir, lock, parent, state)."""
-    lock = _hold(run_dir)
+    lock = hold(run_dir)
     if lock is None:
         raise UserError(f"{run_dir} is being run by another process right now; wait for it or stop it first")
-    state = _read_state(run_dir)
+    state = read_state(run_dir)
     state["invocation"] = int(state.get("invocation", 1)) + 1
     parent = StepRun(RunRef(tracker.uri, tracker.experiment_id, state["parent_run_id"]))
     parent.client.update_run(parent.run_id, status="RUNNING")
     echo(f"sweep {run_dir.parent.name}/{run_dir.name}: resuming (invocation {state['invocation']}), "
          f"MLflow parent run {parent.run_id}")
     return run_dir, lock, parent, state
-
-
-def _hold(run_dir: Path):
-    """An exclusive flock on the run directory while this process drives it (None: another process holds it)."""
-    import fcntl
-
-    fh = open(run_dir / "sweep.lock", "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        return None
-    return fh
-
-
-def _close_if_dead(run_dir: Path, tracker: Tracker) -> None:
-    """A run whose state says running but whose lock is free lost its driver: end its MLflow runs KILLED."""
-    try:
-        state = _read_state(run_dir)
-    except (OSError, ValueError):
-        return
-    if state.get("status") != "running":
-        return
-    lock = _hold(run_dir)
-    if lock is None:  # alive in another process
-        return
-    try:
-        parent = StepRun(RunRef(tracker.uri, tracker.experiment_id, state["parent_run_id"]))
-        end_open_trials(parent, "interrupted")
-        if parent.client.get_run(parent.run_id).info.status == "RUNNING":
-            parent.set_tags({"biflow.sweep.state": "driver died; resumable with --resume"})
-            parent.client.set_terminated(parent.run_id, "KILLED")
-        _write_state(run_dir, {**state, "status": "interrupted", "updated": time.time()})
-    except Exception:  # noqa: BLE001 - a store we cannot reach or a deleted run: nothing to close
-        pass
-    finally:
-        lock.close()
 
 
 def _parent_params(space: Space, cfg, n: int) -> dict[str, Any]:
@@ -294,11 +182,14 @@ def _run(run: SweepRun) -> SweepResult:
     """The sweep on a connected Ray: shared upstream steps, the trials, then the report."""
     from biflow.pipeline.context import data_dir
     from biflow.pipeline.evaluation import metrics_cache
+    from biflow.sampling.scoring import warm_reference
 
     driver_cfg = run.space.trial_config(run.base, {}, "sweep")  # the pipeline + the space's fixed settings
     ctx, records = _resolve_upstream(run, driver_cfg)
     # the evaluator and reference statistics once, before trials load them in parallel
-    _warm_metrics(driver_cfg, data_dir(ctx), metrics_cache(run.storage), run.echo)
+    ev = driver_cfg.pipeline.evaluate
+    warm_reference(data_dir(ctx), ev.features, ev.inception_weights, metrics_cache(run.storage),
+                   log=lambda m: run.echo(f"  {m}"))
     exact_ref = None  # the shared forward flow's exact inverse: a reference point (and the ablation's first row)
     if run.space.spec.reference_exact and "train_forward" in records:
         exact_ref = start_reference(run.space, driver_cfg, ctx, run.storage, run.run_dir, run.echo)
@@ -353,7 +244,7 @@ def _fit_trials(run: SweepRun, driver_cfg):
             trainable, param_space=run.space.param_space(),
             tune_config=tune.TuneConfig(
                 scheduler=build_scheduler(run.space, driver_cfg.train_reverse.steps), num_samples=run.num_samples,
-                reuse_actors=True, search_alg=_search(run.space, concurrent), trial_name_creator=trial_name,
+                reuse_actors=True, search_alg=search_algorithm(run.space, concurrent), trial_name_creator=trial_name,
                 trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name="tune", storage_path=str(run.run_dir), callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0))
@@ -396,24 +287,6 @@ def _cached(cfg, storage: Storage, upto: str) -> dict[str, Any]:
     from biflow.sweep.upstream import upstream_plan
 
     return {p.name: p.record for p in upstream_plan(cfg, storage, upto)}
-
-
-def _search(space: Space, concurrent: int):
-    """Grid and random search (Tune's variant generator), seeded; it also caps the trials running at once."""
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=space.spec.seed, max_concurrent=concurrent)
-
-
-def _warm_metrics(cfg, ddir: Path, cache_dir: Path, echo) -> None:
-    from biflow.data import load_split
-    from biflow.metrics import Reference, get_feature_net, reference_stats
-
-    ev = cfg.pipeline.evaluate
-    reference = Reference.from_shardset(load_split(ddir, "train"), "train")
-    net = get_feature_net(ev.features, inception_weights=ev.inception_weights, reference=reference, cache_dir=cache_dir,
-                          device="cpu", log=lambda m: echo(f"  {m}"))
-    reference_stats(reference, net, cache_dir)
 
 
 def describe(space: Space, base: dict[str, Any], n: int | None = None) -> str:

@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from biflow.config import (ConfigError, ExperimentConfig, ForwardConfig, ReverseConfig, Section, apply_overrides, build_config,
-                           flatten)
+from biflow.config import (FLOW_GEOMETRY, ConfigError, ExperimentConfig, ForwardConfig, ReverseConfig, Section,
+                           apply_overrides, build_config, flatten)
 
 # name -> (what its argument is, how many numbers it takes or None for a list / mapping)
 DISTRIBUTIONS: dict[str, tuple[str, int | None]] = {
@@ -264,7 +264,6 @@ def sweepable_keys() -> set[str]:
 def check_coupled(cfg, where: str) -> None:
     """What pydantic cannot see: settings that must agree with each other or with the trained forward flow."""
     from biflow.objectives.reverse import STRATEGY_FEEDBACK
-    from biflow.training.stages import GEOMETRY
 
     need = STRATEGY_FEEDBACK.get(cfg.reverse_loss.strategy)
     if need is not None and cfg.reverse.head_feedback != need:
@@ -277,7 +276,7 @@ def check_coupled(cfg, where: str) -> None:
     except ValidationError as err:
         raise ConfigError(f"{where}: forward (for {side} px images): {_first(err)}") from None
     try:
-        ReverseConfig.for_flow(fwd, **cfg.reverse.model_dump(exclude=GEOMETRY))
+        ReverseConfig.for_flow(fwd, **cfg.reverse.model_dump(exclude=set(FLOW_GEOMETRY)))
     except ValidationError as err:
         raise ConfigError(f"{where}: reverse (built for the flow's {fwd.num_blocks} blocks, {side} px): {_first(err)}") from None
 

@@ -19,14 +19,13 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from biflow.config import ExperimentConfig, ForwardConfig, ReverseConfig, TrainConfig
+from biflow.config import FLOW_GEOMETRY, ExperimentConfig, ForwardConfig, ReverseConfig, TrainConfig
 from biflow.data.model_space import TrainingData
 from biflow.models.forward_flow import ForwardFlow
 from biflow.training.loop import StepFn, Trainer, fit
 
 Kind = Literal["forward", "reverse"]
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # model space -> images in [-1, 1] (a frozen VAE decoder)
-GEOMETRY = {"in_channels", "image_size", "patch_size", "num_blocks", "num_classes"}  # G always takes these from F
 
 
 @dataclass
@@ -54,7 +53,7 @@ def with_geometry(cfg: ForwardConfig, meta: dict[str, Any]) -> ForwardConfig:
 
 def reverse_config_for(cfg: ReverseConfig, flow: ForwardFlow) -> ReverseConfig:
     """The reverse config with geometry, block count and classes taken from the trained flow."""
-    return ReverseConfig.for_flow(flow.cfg, **cfg.model_dump(exclude=GEOMETRY))
+    return ReverseConfig.for_flow(flow.cfg, **cfg.model_dump(exclude=set(FLOW_GEOMETRY)))
 
 
 def frozen_flow(path: str | Path, device: torch.device | str = "cpu") -> ForwardFlow:
