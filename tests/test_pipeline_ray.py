@@ -43,20 +43,24 @@ def registered_checkpoint_step(run_dir) -> int | None:
         return None
 
 
-def kill_a_worker_after_a_checkpoint(run_dirs, killed: list[int], timeout: float = 300) -> None:
-    """SIGKILL one Ray Train worker once a run directory matching `run_dirs()` has a registered checkpoint."""
+def kill_a_worker_after_a_checkpoint(run_dirs, killed: list[tuple[int, int]], timeout: float = 300) -> None:
+    """SIGKILL one Ray Train worker once a run directory matching `run_dirs()` has a registered checkpoint;
+    appends (pid, step of the latest registered checkpoint just before the kill) to `killed`."""
     import ray
     from ray.util.state import list_actors
 
+    def latest() -> int:
+        return max((registered_checkpoint_step(d) or 0 for d in run_dirs()), default=0)
+
     deadline = time.time() + timeout
-    while time.time() < deadline and not any(registered_checkpoint_step(d) for d in run_dirs()):
+    while not (step := latest()) and time.time() < deadline:
         time.sleep(0.05)
     workers = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     if workers:
         pid = sorted(w.pid for w in workers)[-1]
         os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+        killed.append((pid, step))
 
 
 def test_stage_2_on_a_two_worker_torchtrainer_survives_a_killed_worker_and_resumes(tmp_path, capsys):
@@ -65,7 +69,7 @@ def test_stage_2_on_a_two_worker_torchtrainer_survives_a_killed_worker_and_resum
     from it and the step finishes all its steps, with rank 0's curves in MLflow."""
     steps = ["train_reverse.num_workers=2", "train_reverse.steps=200", "train_reverse.ckpt_every=20",
              "train_reverse.log_every=20"]
-    killed: list[int] = []
+    killed: list[tuple[int, int]] = []
     killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True,
                               args=(lambda: (tmp_path / "_work" / "train_reverse").glob("*/train_reverse-*"), killed))
     killer.start()
@@ -76,7 +80,10 @@ def test_stage_2_on_a_two_worker_torchtrainer_survives_a_killed_worker_and_resum
     assert code == 0 and table(out) == {s: "ran" for s in STEPS}
     training = json.loads((next((tmp_path / "train_reverse").iterdir()) / "_done.json").read_text())["result"]["training"]
     assert training["workers"] == 2 and training["steps"] == 200
-    assert 0 < training["resumed_from_step"] < 200, training  # the restarted group continued from a checkpoint
+    # the restarted group continued from the checkpoint registered before the kill (or a later one)
+    [(_, checkpoint_at_kill)] = killed
+    assert 0 < checkpoint_at_kill <= training["resumed_from_step"] < 200, (checkpoint_at_kill, training)
+    assert training["resumed_from_step"] % 20 == 0, training  # a checkpoint step (ckpt_every=20)
     c, runs = runs_of(tmp_path)
     rev = next(r for r in runs if r.info.run_name == "train_reverse")
     logged = [m.step for m in c.get_metric_history(rev.info.run_id, "train/loss")]  # by rank 0, again after the restart
