@@ -99,6 +99,10 @@ class ForwardConfig(TokenModel):
     noise_std: float = Field(0.05, ge=0.0, description="sigma of noise augmentation x~ = x + sigma*eps (data in [-1,1])")
     clip: float | None = Field(4.0, gt=0, description="norm control: a <- c*tanh(a/c); None disables it")
     clip_shift: bool = Field(False, description="also soft-clip the shift b (same c)")
+    final_norm: bool = Field(True, description="LayerNorm before each block's output projection (ml-tarflow: none)")
+    gelu: Literal["tanh", "exact"] = Field("tanh", description="MLP activation: tanh-approximated or exact (erf) GELU")
+    null_label: Literal["learned", "mean"] = Field(
+        "learned", description="unconditional label: a learned extra embedding row, or the mean of the class rows (ml-tarflow)")
 
 
 # ------------------------------------------------------------------ reverse model

@@ -31,9 +31,12 @@ class FlowBlock(nn.Module):
         self.heads = cfg.heads
         self.proj_in = nn.Linear(cfg.token_dim, cfg.width)
         self.pos = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.width))
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width) if cfg.num_classes else None
-        self.layers = nn.ModuleList(CausalLayer(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers_per_block))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.mean_null = cfg.null_label == "mean"  # null label = mean of the class rows, not a learned row
+        rows = cfg.num_classes + (0 if self.mean_null else 1)
+        self.class_emb = nn.Embedding(rows, cfg.width) if cfg.num_classes else None
+        self.layers = nn.ModuleList(CausalLayer(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.gelu)
+                                    for _ in range(cfg.layers_per_block))
+        self.norm = nn.LayerNorm(cfg.width) if cfg.final_norm else nn.Identity()
         self.proj_out = nn.Linear(cfg.width, 2 * cfg.token_dim)  # zero-initialised: identity at start
 
     def _order(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +46,13 @@ class FlowBlock(nn.Module):
     def _embed(self, x: torch.Tensor, y: torch.Tensor | None, start: int) -> torch.Tensor:
         h = self.proj_in(x) + self.pos[start : start + x.shape[1]]  # (N, t, W)
         if self.class_emb is not None:
-            h = h + self.class_emb(y)[:, None]
+            h = h + F.embedding(y, self.class_rows())[:, None]  # nn.Embedding's own lookup on the table
         return h
+
+    def class_rows(self) -> torch.Tensor:
+        """The label embedding table (num_classes + 1, W): the class rows, then the null label's row."""
+        table = self.class_emb.weight
+        return torch.cat([table, table.mean(0, keepdim=True)]) if self.mean_null else table
 
     def _affine(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output (N, t, 2D) -> log-scale a and shift b, soft-clipped for norm control."""

@@ -57,25 +57,28 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, ratio: float):
+    """fc2(GELU(fc1(h))); gelu "tanh" (the tanh approximation) or "exact" (the erf form)."""
+
+    def __init__(self, width: int, ratio: float, gelu: str = "tanh"):
         super().__init__()
         hidden = int(width * ratio)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.approximate = "tanh" if gelu == "tanh" else "none"
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(h), approximate=self.approximate))
 
 
 class CausalLayer(nn.Module):
     """Pre-norm transformer layer with causal attention (forward-flow blocks)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, gelu: str = "tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_ratio)
+        self.mlp = MLP(width, mlp_ratio, gelu)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.attn(self.norm1(h), causal=True)
