@@ -16,8 +16,9 @@ from scipy.stats import multivariate_normal, norm
 from biflow.config import FORWARD_SIZES
 from biflow.models.forward_flow import ForwardFlow
 from biflow.models.layers import patchify
-from biflow.objectives.nll import PIXEL_BIN_LOG, bits_per_dim, nll_loss
+from biflow.objectives.nll import PIXEL_BIN_LOG, bits_per_dim, nll_loss, uniform_dequantize
 from biflow.sampling.exact import sample_exact, tweedie_denoise
+from biflow.training.forward import evaluate_bpd, evaluate_noisy_bpd
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
@@ -334,6 +335,30 @@ def test_bits_per_dim_of_identity_flow_has_closed_form(make_flow):
     expected = (0.5 * mean_sq + 0.5 * math.log(2 * math.pi) + math.log(127.5)) / math.log(2)
     torch.testing.assert_close(bpd, expected, rtol=1e-12, atol=1e-12)
     assert PIXEL_BIN_LOG == pytest.approx(math.log(127.5))
+
+
+def test_uniform_dequantisation_spreads_each_pixel_over_its_own_bin():
+    """x = u/127.5 - 1 moves by at most half a bin (1/255), uniformly: it rounds back to u, and over many draws the
+    offsets fill the bin (mean ~ 0, extremes near +-1/255)."""
+    u = torch.arange(256, dtype=torch.float64).repeat(200)
+    x = u / 127.5 - 1
+    xd = uniform_dequantize(x, torch.Generator().manual_seed(0))
+    offset = (xd - x) * 127.5  # in units of one bin
+    assert offset.abs().max() <= 0.5 and torch.equal(torch.round((xd + 1) * 127.5), u)
+    assert abs(offset.mean().item()) < 0.01 and offset.min() < -0.49 and offset.max() > 0.49
+
+
+def test_standard_bits_per_dim_is_the_bound_on_uniformly_dequantised_pixels(make_flow):
+    """evaluate_bpd = mean over images of (-log p(x + (v - 1/2)/127.5)/dims + log 127.5)/log 2, v ~ U[0,1) drawn from
+    the seed: written out for the identity flow, where -log p is the standard Gaussian's."""
+    flow = make_flow(dtype=torch.float64, randomize=False)
+    u = torch.randint(0, 256, (6, *flow.image_shape()), generator=torch.Generator().manual_seed(3))
+    x = (u / 127.5 - 1).double()
+    xd = uniform_dequantize(x, torch.Generator().manual_seed(7))
+    expected = ((0.5 * xd.flatten(1).pow(2).mean(1) + 0.5 * math.log(2 * math.pi) + math.log(127.5)) / math.log(2)).mean()
+    assert evaluate_bpd(flow, x, None, batch_size=4, seed=7) == pytest.approx(expected.item(), rel=1e-12)
+    noisy = evaluate_noisy_bpd(flow, x, None, seed=7)  # the Gaussian-noised number is a different quantity
+    assert noisy != pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_bits_per_dim_without_pixel_term_drops_dequantisation(make_flow):

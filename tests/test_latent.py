@@ -264,7 +264,7 @@ def test_latent_space_biflow_end_to_end(image_shards, vae_dir, codec, tmp_path):
     tcfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, log_every=3, ckpt_every=3)
     data = lambda start: latent_batches(train, tcfg.batch_size, seed=start)  # noqa: E731
     fwd = fit(ForwardFlow(fcfg), forward_step(fcfg, pixels=False), data, tcfg, tmp_path / "forward.pt", progress=False)
-    assert np.isfinite(fwd.metrics["loss"]) and np.isfinite(fwd.metrics["bits_per_dim"])
+    assert np.isfinite(fwd.metrics["loss"]) and np.isfinite(fwd.metrics["nll_noisy_bpd"])
 
     flow = fwd.ema.module.eval().requires_grad_(False)
     loss_cfg = ReverseLossConfig(perceptual=0.5)

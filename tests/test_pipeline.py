@@ -149,7 +149,8 @@ def test_a_run_records_parent_child_runs_metrics_and_artifacts_in_mlflow(first_r
     # training curves: loss terms, bits/dim, per-block state norms, learning rate, throughput
     fwd = children["train_forward"].info.run_id
     assert [m.step for m in c.get_metric_history(fwd, "train/loss")] == [4, 8, 12]
-    for name in ("train/bits_per_dim", "train/state_rms/0", "train/lr", "train/images_per_s", "test/bits_per_dim"):
+    for name in ("train/nll_noisy_bpd", "train/state_rms/0", "train/lr", "train/images_per_s", "test/bits_per_dim",
+                 "test/nll_noisy_bpd"):
         assert name in children["train_forward"].data.metrics, name
     for name in ("train/loss", "train/recon", "train/align", "train/lr"):
         assert name in children["train_reverse"].data.metrics, name

@@ -44,7 +44,7 @@ def test_training_writes_a_checkpoint_that_rebuilds_the_model(tmp_path):
     rebuilt = load_checkpoint(tmp_path / "f.pt", ema=False)
     x = torch.randn(3, 1, 4, 4)
     torch.testing.assert_close(rebuilt(x, torch.tensor([0, 1, 0]))[0], trainer.model.eval()(x, torch.tensor([0, 1, 0]))[0])
-    assert {"loss", "bits_per_dim", "grad_norm", "lr", "images_per_s", "state_rms/0"} <= set(trainer.metrics)
+    assert {"loss", "nll_noisy_bpd", "grad_norm", "lr", "images_per_s", "state_rms/0"} <= set(trainer.metrics)
 
 
 def test_a_rerun_resumes_from_the_checkpoint_and_finishes_the_remaining_steps(tmp_path):

@@ -7,8 +7,9 @@ gets a child run too, tagged `biflow.cache = hit` and pointing at the run that p
 
 Stable names (the compare view lines runs up on them):
     params   the flat config, `section.key` (parent: all; child: the step's own sections)
-    metrics  train/<term> (loss, bits_per_dim, state_rms/<i>, grad_norm, lr, images_per_s, ...) per step,
-             test/bits_per_dim, <sampler>/<metric> (fd_evaluator or fid, is, class_acc, ms_per_image, nfe),
+    metrics  train/<term> (loss, nll_noisy_bpd, state_rms/<i>, grad_norm, lr, images_per_s, perceptual/<net>, ...)
+             per step, test/bits_per_dim (standard: uniformly dequantised 8-bit data), test/nll_noisy_bpd (the
+             Gaussian-noised training data), <sampler>/<metric> (fd_evaluator or fid, is, class_acc, ms_per_image, nfe),
              speedup/exact_over_1nfe
     tags     biflow.step, biflow.key, biflow.cache (hit | miss), biflow.source_run_id, biflow.pipeline
 """
