@@ -11,18 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biflow.config import ConfigError, ReverseConfig, ReverseLossConfig
-from biflow.errors import UserError
+from biflow.config import ConfigError, ReverseConfig, ReverseLossConfig, validate
 from biflow.models.layers import patchify, unpatchify
 from biflow.models.reverse import ReverseModel
 from biflow.objectives.guidance import combine_cfg, draw_guidance, recover_conditional, sample_w
-from biflow.objectives.perceptual import (
-    ConvNeXtV2Features,
-    RandomConvFeatures,
-    VGG16Features,
-    build_perceptual,
-    perceptual_distance,
-)
+from biflow.objectives.perceptual import build_perceptual, perceptual_distance
+from biflow.objectives.perceptual_nets import ConvNeXtV2Features, RandomConvFeatures, VGG16Features
 from biflow.objectives.reverse import distance, reverse_losses, reverse_step
 from biflow.objectives.weighting import adaptive_weight
 from biflow.sampling.applications import edit_class, encode, inpaint, token_mask
@@ -149,10 +143,11 @@ def test_total_is_the_statically_weighted_sum_of_terms(tiny_flow):
     cfg = ReverseLossConfig(align=0.3, recon=2.0, perceptual=0.5)
     net = build_perceptual(cfg)
     out = reverse_losses(x + 0.1, traj[:-1] + 0.1, traj, x, cfg, net)
-    expected = 0.3 * out["align"] + 2.0 * out["recon"] + 0.5 * out["perceptual"]
+    expected = 0.3 * out["align"] + 2.0 * out["recon"] + out["perceptual"]  # 'perceptual' has its static weight in
     assert torch.allclose(out["loss"], expected) and out["perceptual"] > 0
+    assert torch.equal(out["perceptual"], 0.5 * out["perceptual/random_conv"])
     with pytest.raises(ConfigError):
-        reverse_losses(x, traj[:-1], traj, x, cfg)  # perceptual > 0 without a net
+        reverse_losses(x, traj[:-1], traj, x, cfg)  # a perceptual term without its net
 
 
 def test_naive_distillation_ignores_hidden_terms(tiny_flow):
@@ -252,13 +247,14 @@ def _overfit_one_batch(make_flow):
 
 # ================================================================== perceptual
 def test_random_conv_distance_is_a_differentiable_frozen_distance():
-    net = build_perceptual(ReverseLossConfig())
+    net = build_perceptual(ReverseLossConfig(perceptual=1.0)).nets[0]
     assert isinstance(net, RandomConvFeatures) and not any(p.requires_grad for p in net.parameters())
+    crop = ReverseLossConfig(perceptual_crop=0.5).perceptual_crop  # the old shorthand: square crops, area >= 0.5
     a, b = torch.rand(3, 1, 8, 8) * 2 - 1, torch.rand(3, 1, 8, 8) * 2 - 1  # grey, below min_size: repeated, upsampled
     assert torch.allclose(perceptual_distance(net, a, a), torch.zeros(3), atol=1e-6)
-    assert torch.allclose(perceptual_distance(net, a, a, crop=0.5, generator=GEN()), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(perceptual_distance(net, a, a, crop=crop, generator=GEN()), torch.zeros(3), atol=1e-6)
     a.requires_grad_(True)
-    d = perceptual_distance(net, a, b, crop=0.5, generator=GEN())
+    d = perceptual_distance(net, a, b, crop=crop, generator=GEN())
     assert d.shape == (3,) and (d > 0).all()
     d.sum().backward()
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
@@ -276,7 +272,8 @@ def test_pretrained_backends_load_from_a_local_weights_file(tmp_path):
     torch.save({"model": {**convnext.state_dict(), **lin}}, tmp_path / "convnext.pt")  # official nesting
     a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
     for name, ref, file in [("vgg_lpips", vgg, "vgg.pt"), ("convnext", convnext, "convnext.pt")]:
-        net = build_perceptual(ReverseLossConfig(perceptual_net=name, perceptual_weights=str(tmp_path / file)))
+        cfg = ReverseLossConfig(perceptual=1.0, perceptual_net=name, perceptual_weights=str(tmp_path / file))
+        net = build_perceptual(cfg).nets[0]
         assert type(net) is type(ref) and not any(p.requires_grad for p in net.parameters())
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in ref.state_dict().items())
         assert (perceptual_distance(net, a, b) > 0).all() and perceptual_distance(net, a, a).abs().max() < 1e-6
@@ -284,12 +281,13 @@ def test_pretrained_backends_load_from_a_local_weights_file(tmp_path):
 
 
 @pytest.mark.parametrize("weights", [None, "missing.pt", "wrong.pt"])
-def test_bad_perceptual_weights_are_a_one_line_user_error(tmp_path, weights):
+def test_bad_perceptual_weights_are_a_one_line_config_error(tmp_path, weights):
+    """No file: the config is rejected; a missing file or one of another architecture: building the nets is."""
     torch.save({"something": torch.zeros(2)}, tmp_path / "wrong.pt")
     path = None if weights is None else str(tmp_path / weights)
-    for name in ("vgg_lpips", "convnext"):
-        with pytest.raises(UserError) as err:
-            build_perceptual(ReverseLossConfig(perceptual_net=name, perceptual_weights=path))
+    for name in ("vgg_lpips", "convnext", "convnext_pooled"):
+        with pytest.raises(ConfigError) as err:
+            build_perceptual(validate(ReverseLossConfig, dict(perceptual=1.0, perceptual_net=name, perceptual_weights=path)))
         assert "\n" not in str(err.value) and name in str(err.value)
 
 

@@ -1,5 +1,6 @@
 """Typed configuration: pydantic models with defaults and descriptions, YAML loading, overrides, flat dicts.
 
+    perceptual  the stage-2 loss's perceptual terms (a list of nets with weights) and their paired crop
     sections  every setting, in one of the section models, each field with a description (`biflow config show`
               prints them beside the values)
     loading   YAML files and `--set a.b=value` overrides (and a sweep's settings) through one `apply_overrides`;
@@ -23,6 +24,7 @@ from biflow.config.loading import (
     unknown,
     validate,
 )
+from biflow.config.perceptual import PerceptualCropConfig, PerceptualTermConfig
 from biflow.config.sections import (
     FLOW_GEOMETRY,
     FORWARD_SIZES,
@@ -41,7 +43,7 @@ from biflow.config.sections import (
 
 __all__ = [
     "FLOW_GEOMETRY", "FORWARD_SIZES", "REVERSE_SIZES", "Blame", "ConfigError", "DataConfig", "ExperimentConfig",
-    "ForwardConfig", "LatentConfig", "Origin", "Override", "ReverseConfig", "ReverseLossConfig", "Section",
+    "ForwardConfig", "LatentConfig", "Origin", "Override", "PerceptualCropConfig", "PerceptualTermConfig", "ReverseConfig", "ReverseLossConfig", "Section",
     "TokenModel", "TrainConfig", "apply_overrides", "build_config", "check_keys", "closest", "commented_yaml",
     "flatten", "load_config", "load_yaml", "read_yaml_mapping", "unflatten", "unknown", "validate",
 ]

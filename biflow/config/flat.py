@@ -49,5 +49,7 @@ def _commented_rows(cfg: BaseModel, indent: str) -> Iterator[tuple[str, str]]:
             yield f"{indent}{name}:", note
             yield from _commented_rows(value, indent + "  ")
         else:
+            if isinstance(value, list):  # e.g. reverse_loss.perceptual_terms: a list of sections
+                value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
             text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
             yield f"{indent}{name}: {text.removesuffix('...').strip()}", note

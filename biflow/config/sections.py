@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from biflow.config.perceptual import PerceptualCropConfig, PerceptualNetName, PerceptualTermConfig
 from biflow.errors import UserError
 
 
@@ -172,19 +173,41 @@ class ReverseLossConfig(Section):
     distance: Literal["mse"] = Field("mse", description="distance D on trajectory states and the final output")
     align: float = Field(1.0, ge=0, description="static weight of the hidden-alignment sum (one term per forward state)")
     recon: float = Field(1.0, ge=0, description="static weight of the final-output term")
-    perceptual: float = Field(0.0, ge=0, description="static weight of the perceptual term on the final output (0: off)")
+    perceptual: float = Field(
+        0.0, ge=0, description="shorthand for one perceptual term on the final output: its static weight (0: off)")
     adaptive_p: float = Field(1.0, ge=0, description="adaptive weighting sg((D + c)^-p) * D; 0 = plain D")
     adaptive_c: float = Field(1e-2, gt=0, description="c of the adaptive weighting")
     label_drop: float = Field(
         0.1, ge=0.0, le=1.0, description="label dropout; dropped samples train the unconditional G with w = 0")
     cfg_uncond_grad: bool = Field(
         False, description="[ours] backprop through the unconditional CFG pass (default: stop-gradient)")
-    perceptual_net: Literal["random_conv", "vgg_lpips", "convnext"] = Field(
-        "random_conv", description="random_conv: offline, NOT the paper's nets")
+    perceptual_net: PerceptualNetName = Field(
+        "random_conv", description="shorthand for one term: its net (random_conv: offline, NOT the paper's nets)")
     perceptual_weights: str | None = Field(
-        None, description="local state-dict file for vgg_lpips / convnext (nothing is downloaded)")
-    perceptual_crop: float | None = Field(
-        None, gt=0, le=1, description="shared random-resized crop: min area fraction; None = off")
+        None, description="shorthand for one term: local state-dict file of a pretrained net (nothing is downloaded)")
+    perceptual_terms: list[PerceptualTermConfig] = Field(
+        [], description="perceptual terms on the final output, each adaptively weighted and logged apart "
+                        "(perceptual/<net>); replaces the perceptual/perceptual_net/perceptual_weights shorthand")
+    perceptual_crop: PerceptualCropConfig | None = Field(
+        None, description="paired random-resized crop before the perceptual nets ({} = pMF's: 224, scale (0.08, 1), "
+                          "ratio (3/4, 4/3)); a number = min area of square crops; None = off")
+
+    @model_validator(mode="after")
+    def _one_perceptual_form(self) -> "ReverseLossConfig":
+        if self.perceptual_terms and self.perceptual > 0:
+            raise ValueError("give the perceptual loss either as perceptual_terms or as the perceptual / perceptual_net / "
+                             "perceptual_weights shorthand, not both")
+        if not self.perceptual_terms and self.perceptual > 0:
+            PerceptualTermConfig(net=self.perceptual_net, weight=self.perceptual, weights=self.perceptual_weights)  # checks
+        return self
+
+    def perceptual_list(self) -> list[PerceptualTermConfig]:
+        """The active perceptual terms (weight > 0): perceptual_terms, or the shorthand as a one-term list."""
+        if self.perceptual_terms:
+            return [t for t in self.perceptual_terms if t.weight > 0]
+        if self.perceptual > 0:
+            return [PerceptualTermConfig(net=self.perceptual_net, weight=self.perceptual, weights=self.perceptual_weights)]
+        return []
 
 
 # ---------------------------------------------------------------------- training

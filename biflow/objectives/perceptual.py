@@ -1,279 +1,97 @@
-"""Perceptual distance on G's final output (BIFLOW.md §5), LPIPS-style over a frozen feature network.
+"""Perceptual terms on G's final output (BIFLOW.md §5): a list of frozen nets, each with its own distance and weight.
 
-distance(a, b) = mean over layers l of  mean_{h,w} sum_c lin_c * (u_l - v_l)^2,  where u_l, v_l are the
-layer-l features of a and b, unit-normalised over channels, and lin are optional per-channel weights
-(all ones unless the weights file has `lin.{l}` entries). Backends:
+The paper's best setting is two terms, VGG-LPIPS then ConvNeXt-V2 features (FID 31.88 -> 14.15 -> 2.46 in its
+ablation (d)); pMF weighs them 0.4 and 0.1 and crops both images of a pair with the same random-resized box first.
+Config: `reverse_loss.perceptual_terms` (or the one-net shorthand) and `reverse_loss.perceptual_crop`
+(biflow/config/perceptual.py); the nets: objectives/perceptual_nets.py; the crop: objectives/crop.py.
 
-- `vgg_lpips`: VGG16 conv features tapped at relu1_2 .. relu5_3, like LPIPS [paper's first perceptual loss].
-- `convnext`: ConvNeXt-V2 stage outputs [paper's second perceptual loss].
-- `random_conv`: a fixed, seeded, randomly initialised multi-scale conv net (the offline default).
-
-The first two read a LOCAL state-dict file (`torch.load(weights_only=True)`): nothing is downloaded here.
-Images are in [-1, 1]; 1-channel images are repeated to 3; images smaller than the net's `min_size` are
-upsampled; an optional shared random-resized crop (the same box for both images of a pair) comes first.
-In latent space, objectives.reverse decodes both images with the frozen VAE decoder before this distance.
+Images are in [-1, 1]; 1-channel images are repeated to 3. With a crop, each pair is cropped once (one box for
+every net) to the crop's size; without one, images are resized to max(side, the net's `min_size`). In latent space
+objectives.reverse decodes both images with the frozen VAE decoder first. `random_conv` (the offline default) is
+NOT the paper's loss: reports name it.
 """
 from __future__ import annotations
-
-import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from biflow.config import ReverseLossConfig
-from biflow.errors import UserError
+from biflow.config import ConfigError, PerceptualCropConfig, ReverseLossConfig
+from biflow.objectives.crop import paired_crop
+from biflow.objectives.perceptual_nets import PerceptualNet, build_net
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PerceptualNet(nn.Module):
-    """Frozen feature extractor: features(x (N, 3, H, W) in [-1, 1]) -> list of (N, C_l, H_l, W_l)."""
-
-    min_size = 32  # images with a smaller side are upsampled to this
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.ParameterList()  # optional per-channel weights, one (C_l,) vector per layer
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    @property
-    def num_layers(self) -> int:
-        """Feature maps returned by `features`."""
-        return len(self.stages)
-
-    def freeze(self) -> "PerceptualNet":
-        self.eval()
-        self.requires_grad_(False)
-        return self
-
-    def load_weights(self, sd: dict[str, torch.Tensor]) -> "PerceptualNet":
-        """Load every parameter from sd (extra keys, e.g. a classifier, are ignored) and any `lin.{l}` weights."""
-        missing = [k for k in self.state_dict() if k not in sd]
-        if missing:
-            raise KeyError(f"missing {missing[0]} and {len(missing) - 1} more")
-        self.load_state_dict({k: sd[k] for k in self.state_dict()})
-        lin = []
-        while f"lin.{len(lin)}" in sd:
-            lin.append(nn.Parameter(sd[f"lin.{len(lin)}"].flatten().float()))
-        if lin and len(lin) != self.num_layers:
-            raise KeyError(f"{len(lin)} lin.* weights for {self.num_layers} feature layers")
-        self.lin = nn.ParameterList(lin)
-        return self
+PRETRAINED_CROP_SIZE = 224  # crop output side when a pretrained net is used (its ImageNet resolution)
 
 
-class ImageNetInput(PerceptualNet):
-    """Nets trained on ImageNet: [-1, 1] -> ImageNet-normalised input (non-persistent buffers)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1) / 2 - self.mean) / self.std
+def _rgb(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape[1] == 1:
+        return a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+    if a.shape[1] != 3:
+        raise ValueError(f"perceptual distance needs 1- or 3-channel images, got {a.shape[1]} channels (decode latents first)")
+    return a, b
 
 
-# ------------------------------------------------------------------------ VGG16
-VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-VGG16_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in `layers`
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resample to size x size (identity grid, border padding); a no-op resample at the same size."""
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class VGG16Features(ImageNetInput):
-    """VGG16 conv trunk in torchvision's index layout (`features.{i}` keys load as `layers.{i}`)."""
-
-    def __init__(self, base: int = 64):
-        super().__init__()
-        modules, c = [], 3
-        for v in VGG16_LAYOUT:
-            if v == "M":
-                modules.append(nn.MaxPool2d(2))
-            else:
-                out = v * base // 64
-                modules += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
-                c = out
-        self.layers = nn.Sequential(*modules)
-
-    @property
-    def num_layers(self) -> int:
-        return len(VGG16_TAPS)
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "VGG16Features":
-        """Width inferred from the first conv (64 = the real VGG16); torchvision's keys are renamed."""
-        sd = {k.replace("features.", "layers.", 1): v for k, v in sd.items()}
-        return cls(base=sd["layers.0.weight"].shape[0]).load_weights(sd)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h, out = self.normalize(x), []
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i in VGG16_TAPS:
-                out.append(h)
-        return out
+def crop_size(crop: PerceptualCropConfig, nets: list[PerceptualNet], side: int) -> int:
+    """The crop's output side: its `size`, else 224 with a pretrained net, else max(side, the nets' min_size)."""
+    if crop.size is not None:
+        return crop.size
+    return PRETRAINED_CROP_SIZE if any(n.pretrained for n in nets) else max([side, *(n.min_size for n in nets)])
 
 
-# --------------------------------------------------------------- ConvNeXt-V2
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of (N, C, H, W)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class GRN(nn.Module):
-    """ConvNeXt-V2 global response normalisation on channels-last (N, H, W, C)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = x.norm(p=2, dim=(1, 2), keepdim=True)  # (N, 1, 1, C)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * nx) + self.beta + x
+def distances(nets: list[PerceptualNet], a: torch.Tensor, b: torch.Tensor, crop: PerceptualCropConfig | None = None,
+              generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Each net's per-sample distance (N,) between images a, b (N, C, H, W) in [-1, 1], differentiable in both;
+    with a crop, one box per pair is drawn once and shared by every net."""
+    a, b = _rgb(a, b)
+    if crop is not None:
+        a, b = paired_crop(a, b, crop_size(crop, nets, a.shape[-1]), crop.scale, crop.ratio, generator)
+    out = []
+    for net in nets:
+        size = max(a.shape[-1], net.min_size)
+        out.append(net.distance(_resize(a, size), _resize(b, size)))
+    return out
 
 
-class ConvNeXtBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.grn = GRN(4 * dim)
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
-        h = self.pwconv2(self.grn(F.gelu(self.pwconv1(self.norm(h)))))
-        return x + h.permute(0, 3, 1, 2)
+def perceptual_distance(net: PerceptualNet, a: torch.Tensor, b: torch.Tensor, crop: PerceptualCropConfig | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """One net's per-sample distance (N,) (see `distances`)."""
+    return distances([net], a, b, crop, generator)[0]
 
 
-class ConvNeXtV2Features(ImageNetInput):
-    """ConvNeXt-V2 trunk (official key layout; defaults = the 'atto' variant); features = the 4 stage outputs."""
+class PerceptualLoss(nn.Module):
+    """The frozen nets of the active perceptual terms, with their labels (log keys), static weights and crop.
 
-    min_size = 64  # total stride 32: a 64 px input leaves a 2x2 last stage
-
-    def __init__(self, dims: tuple[int, ...] = (40, 80, 160, 320), depths: tuple[int, ...] = (2, 2, 6, 2)):
-        super().__init__()
-        self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))]
-            + [nn.Sequential(LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2)) for i in range(1, len(dims))]
-        )
-        self.stages = nn.ModuleList(nn.Sequential(*(ConvNeXtBlock(d) for _ in range(n))) for d, n in zip(dims, depths))
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "ConvNeXtV2Features":
-        """Widths and depths inferred from the keys, so any ConvNeXt-V2 variant loads."""
-        sd = sd.get("model", sd)  # official checkpoints nest the state dict under "model"
-        stages = sorted({int(k.split(".")[1]) for k in sd if k.startswith("stages.")})
-        if not stages:
-            raise KeyError("no stages.* keys")
-        dims = [sd[f"downsample_layers.{i}.{0 if i == 0 else 1}.weight"].shape[0] for i in stages]
-        depths = [1 + max(int(k.split(".")[2]) for k in sd if k.startswith(f"stages.{i}.")) for i in stages]
-        return cls(tuple(dims), tuple(depths)).load_weights(sd)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h, out = self.normalize(x), []
-        for down, stage in zip(self.downsample_layers, self.stages):
-            h = stage(down(h))
-            out.append(h)
-        return out
-
-
-# -------------------------------------------------------------- random features
-class RandomConvFeatures(PerceptualNet):
-    """A fixed, seeded, randomly initialised multi-scale conv net: a random-feature perceptual distance.
-
-    This is NOT the paper's VGG-LPIPS / ConvNeXt-V2 loss. It is the default because those need
-    pretrained weights and nothing can be downloaded here. Untrained conv features still respond to
-    local structure (edges, textures) at several scales, so the distance compares images beyond pixel
-    MSE; it carries no learned notion of semantics. Pass a weights file to use the paper's backends.
+    forward(pred, target, generator) -> {label: (N,) distances}.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), seed: int = 0):
+    def __init__(self, nets: list[PerceptualNet], labels: list[str], weights: list[float],
+                 crop: PerceptualCropConfig | None = None):
         super().__init__()
-        stages, c = [], 3
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(nn.Conv2d(c, w, 3, stride=stride, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU()))
-            c = w
-        self.stages = nn.ModuleList(stages)
-        gen = torch.Generator().manual_seed(seed)  # independent of the global RNG: the same net everywhere
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    fan_in = m.weight[0].numel()
-                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * math.sqrt(2 / fan_in))  # He init
-                    m.bias.zero_()
+        self.nets = nn.ModuleList(nets)
+        self.labels, self.weights, self.crop = list(labels), list(weights), crop
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return dict(zip(self.labels, distances(list(self.nets), pred, target, self.crop, generator)))
 
 
-# ------------------------------------------------------------------ distance
-def _prepare(a: torch.Tensor, b: torch.Tensor, min_size: int, crop: float | None, generator: torch.Generator | None):
-    """Repeat grey to RGB, then one shared random-resized crop per pair (or none) and resize to >= min_size."""
-    if a.shape[1] == 1:
-        a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
-    elif a.shape[1] != 3:
-        raise ValueError(f"perceptual distance needs 1- or 3-channel images, got {a.shape[1]} channels (decode latents first)")
-    n, size = a.shape[0], max(a.shape[-1], min_size)
-    theta = torch.zeros(n, 2, 3, device=a.device, dtype=a.dtype)
-    if crop is None:
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0  # identity: plain bilinear resize
-    else:
-        area = crop + (1 - crop) * torch.rand(n, generator=generator, device=a.device)
-        side = area.sqrt().to(a.dtype)  # square crops, side as a fraction of the image
-        shift = (2 * torch.rand(n, 2, generator=generator, device=a.device).to(a.dtype) - 1) * (1 - side)[:, None]
-        theta[:, 0, 0] = theta[:, 1, 1] = side
-        theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-    resample = lambda t: F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)  # noqa: E731
-    return resample(a), resample(b)
+def term_labels(nets: list[str]) -> list[str]:
+    """Log labels: the net's name, with its position appended where a net appears twice (vgg_lpips, vgg_lpips.1)."""
+    return [n if nets.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(nets)]
 
 
-def perceptual_distance(
-    net: PerceptualNet, a: torch.Tensor, b: torch.Tensor, crop: float | None = None, generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Per-sample distance (N,) between images a, b (N, C, H, W) in [-1, 1]; differentiable in both."""
-    a, b = _prepare(a, b, net.min_size, crop, generator)
-    per_layer = []
-    for k, (u, v) in enumerate(zip(net.features(a), net.features(b))):
-        d = (F.normalize(u, dim=1) - F.normalize(v, dim=1)) ** 2  # (N, C_l, H_l, W_l), unit features per position
-        if len(net.lin):
-            d = d * net.lin[k].view(1, -1, 1, 1)
-        per_layer.append(d.sum(1).mean(dim=(1, 2)))
-    return torch.stack(per_layer).mean(0)
-
-
-# ------------------------------------------------------------------- factory
-BACKENDS = {"vgg_lpips": VGG16Features, "convnext": ConvNeXtV2Features}
-
-
-def load_backend(name: str, path: str | Path | None) -> PerceptualNet:
-    """Build a pretrained backend from a local state-dict file; any problem is a one-line UserError."""
-    if path is None:
-        raise UserError(f"perceptual_net {name!r} needs perceptual_weights: a local state-dict file (nothing is downloaded)")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"perceptual weights for {name!r} not found: {path}")
-    try:
-        return BACKENDS[name].from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as err:  # unreadable file, or a state dict of another architecture
-        raise UserError(f"{path}: not a {name} state dict ({type(err).__name__}: {err})".splitlines()[0]) from None
-
-
-def build_perceptual(cfg: ReverseLossConfig) -> PerceptualNet:
-    """The frozen perceptual net named by cfg.perceptual_net."""
-    net = RandomConvFeatures() if cfg.perceptual_net == "random_conv" else load_backend(cfg.perceptual_net, cfg.perceptual_weights)
-    return net.freeze()
+def build_perceptual(cfg: ReverseLossConfig) -> PerceptualLoss:
+    """The frozen nets of cfg's active perceptual terms (`perceptual_list()`); a bad weights file is a ConfigError."""
+    terms = cfg.perceptual_list()
+    if not terms:
+        raise ConfigError("reverse_loss has no active perceptual term (perceptual_terms, or perceptual > 0)")
+    nets = [build_net(t.net, t.weights, t.lin_weights) for t in terms]
+    return PerceptualLoss(nets, term_labels([t.net for t in terms]), [t.weight for t in terms], cfg.perceptual_crop)

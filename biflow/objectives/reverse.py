@@ -5,8 +5,10 @@ Terms (each per-sample adaptively weighted, then averaged over the batch):
   (strategies hidden_alignment and hidden_distillation; naive_distillation has no hidden terms);
 - recon: D(x_pred, target) on the final output, target = clean x (denoising 'learned') or x~ =
   trajectory[0] ('none' / 'score'; with 'score' the sampler adds TARFlow's Tweedie step, see sample_1nfe);
-- perceptual: a perceptual distance between the same two images (weight 0 by default); in latent space
-  both are first decoded to pixels by the frozen VAE decoder (`decoder`), G's output with gradient.
+- perceptual/<net>: each perceptual term (reverse_loss.perceptual_terms, or the one-net shorthand; none by default),
+  a perceptual distance between the same two images, adaptively weighted on its own; 'perceptual' is their sum with
+  the static weights. In latent space both images are first decoded to pixels by the frozen VAE decoder
+  (`decoder`), G's output with gradient.
 
 With align = recon = 1 the total is the paper's sum over the extended trajectory [x, x^0, ..., x^{B-1}]:
 one equally weighted term per state. D is MSE per sample, optionally divided by the target's RMS^2.
@@ -23,7 +25,7 @@ from biflow.models.forward_flow import ForwardFlow
 from biflow.models.layers import patchify, unpatchify
 from biflow.models.reverse import ReverseModel
 from biflow.objectives.guidance import draw_guidance, recover_conditional
-from biflow.objectives.perceptual import PerceptualNet, perceptual_distance
+from biflow.objectives.perceptual import PerceptualLoss
 from biflow.objectives.weighting import adaptive_weight
 
 STRATEGY_FEEDBACK = {"hidden_alignment": False, "hidden_distillation": True}  # head_feedback each strategy needs
@@ -43,7 +45,7 @@ def reverse_losses(
     trajectory: torch.Tensor,
     x_clean: torch.Tensor,
     cfg: ReverseLossConfig,
-    perceptual_net: PerceptualNet | None = None,
+    perceptual_net: PerceptualLoss | None = None,
     generator: torch.Generator | None = None,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -52,9 +54,12 @@ def reverse_losses(
     decoder: model space -> images in [-1, 1] (a frozen VAE's `LatentCodec.decode`), applied before the perceptual
     net; G's output is decoded with gradient (it reaches G through the frozen decoder), the target without.
 
+    perceptual_net: the frozen nets of the active perceptual terms (`build_perceptual(cfg)`).
+
     Returns 'loss' (the weighted total, with gradient) and, detached for logging: each term's adaptively
-    weighted batch mean ('recon', 'align', 'perceptual' when active) and the raw distances before the
-    adaptive weights ('raw/recon', 'raw/x{i}' per trajectory state, 'raw/perceptual').
+    weighted batch mean ('recon', 'align', 'perceptual/<net>' per perceptual term) with 'perceptual' = the sum of
+    the perceptual terms times their static weights, and the raw distances before the adaptive weights
+    ('raw/recon', 'raw/x{i}' per trajectory state, 'raw/perceptual/<net>').
     """
     channels = x_clean.shape[1]
     p = round((trajectory.shape[-1] / channels) ** 0.5)  # patch size from the token dim D = C * p^2
@@ -69,17 +74,20 @@ def reverse_losses(
         terms["align"] = sum(weigh(d) for d in ds)
         raw.update({f"raw/x{i}": d.mean() for i, d in enumerate(ds)})
         loss = loss + cfg.align * terms["align"]
-    if cfg.perceptual > 0:
+    if cfg.perceptual_list():
         if perceptual_net is None:
-            raise ConfigError("reverse loss: perceptual > 0 needs a perceptual net (see objectives.perceptual.build_perceptual)")
+            raise ConfigError("reverse loss: a perceptual term needs its nets (see objectives.perceptual.build_perceptual)")
         image_pred, image_target = x_pred, unpatchify(target, p, channels)
         if decoder is not None:
             image_pred = decoder(x_pred)
             with torch.no_grad():
                 image_target = decoder(image_target)
-        d = perceptual_distance(perceptual_net, image_pred, image_target, cfg.perceptual_crop, generator)
-        terms["perceptual"], raw["raw/perceptual"] = weigh(d), d.mean()
-        loss = loss + cfg.perceptual * terms["perceptual"]
+        total = 0.0
+        for (label, d), weight in zip(perceptual_net(image_pred, image_target, generator).items(), perceptual_net.weights):
+            terms[f"perceptual/{label}"], raw[f"raw/perceptual/{label}"] = weigh(d), d.mean()
+            total = total + weight * terms[f"perceptual/{label}"]
+        terms["perceptual"] = total
+        loss = loss + total
     return {"loss": loss, **{k: v.detach() for k, v in {**terms, **raw}.items()}}
 
 
@@ -98,7 +106,7 @@ def reverse_objective(
     flow: ForwardFlow,
     reverse_cfg: ReverseConfig,
     loss_cfg: ReverseLossConfig,
-    perceptual_net: PerceptualNet | None = None,
+    perceptual_net: PerceptualLoss | None = None,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]:
     """The stage-2 step function `step(model, x, y) -> reverse_losses(...)` with every config bound.
@@ -119,7 +127,7 @@ def reverse_step(
     x_clean: torch.Tensor,
     y: torch.Tensor | None,
     loss_cfg: ReverseLossConfig,
-    perceptual_net: PerceptualNet | None = None,
+    perceptual_net: PerceptualLoss | None = None,
     generator: torch.Generator | None = None,
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -136,7 +144,7 @@ def reverse_step(
 
 
 def _batch_losses(flow: ForwardFlow, reverse: nn.Module, reverse_cfg: ReverseConfig, x_clean: torch.Tensor,
-                  y: torch.Tensor | None, loss_cfg: ReverseLossConfig, perceptual_net: PerceptualNet | None,
+                  y: torch.Tensor | None, loss_cfg: ReverseLossConfig, perceptual_net: PerceptualLoss | None,
                   generator: torch.Generator | None, decoder: Callable[[torch.Tensor], torch.Tensor] | None):
     n, device = x_clean.shape[0], x_clean.device
     x_noisy = x_clean + flow.cfg.noise_std * torch.randn(x_clean.shape, generator=generator, device=device, dtype=x_clean.dtype)

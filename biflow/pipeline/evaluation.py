@@ -14,6 +14,7 @@ import numpy as np
 
 from biflow.atomic import atomic_write_bytes
 from biflow.config import flatten
+from biflow.config.perceptual import describe_perceptual
 from biflow.metrics.format import fmt
 from biflow.pipeline.cache import Storage
 from biflow.pipeline.context import StepContext, data_dir, ray_running, write_json
@@ -158,7 +159,7 @@ def run_report(ctx: StepContext) -> dict[str, Any]:
              f"Data: {ctx.cfg.data.name}{space}; forward flow {fwd['params']:,} parameters, {fwd['training']['steps']} steps, "
              f"test bits/dim {fmt(metrics['test/bits_per_dim'])} (uniform dequantisation; "
              f"{fmt(metrics['test/nll_noisy_bpd'])} on the Gaussian-noised training data); reverse model {rev['params']:,} parameters, "
-             f"{rev['training']['steps']} steps.", "",
+             f"{rev['training']['steps']} steps; stage-2 distance: {describe_perceptual(ctx.cfg.reverse_loss.perceptual_list())}.", "",
              "| sampler | NFE | " + " | ".join(["quality", "IS", "class acc", "ms/image"]) + " |", "|---|---|---|---|---|---|"]
     for name, r in samplers.items():
         vae = f" (+{fmt(r['decode_ms_per_image'])} VAE decoding)" if r.get("decode_ms_per_image") is not None else ""

@@ -62,7 +62,7 @@ def stage_for(job: StageJob, device: torch.device) -> Stage:
     a node that lacks it) and, for a perceptual loss on latents, the frozen VAE decoder."""
     forward = local_input(job.forward_ckpt, job.forward_ckpt_uri) if job.kind == "reverse" else None
     decoder = None
-    if job.kind == "reverse" and job.data.latent and job.cfg.reverse_loss.perceptual > 0:
+    if job.kind == "reverse" and job.data.latent and job.cfg.reverse_loss.perceptual_list():
         from biflow.latent import LatentCodec
 
         decoder = LatentCodec.load(job.data.codec, device).decode

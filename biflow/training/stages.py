@@ -68,7 +68,7 @@ def build_stage(kind: Kind, cfg: ExperimentConfig, data: TrainingData, forward_c
     """The model, bound step function and checkpoint record of one stage.
 
     forward_ckpt: stage 2's trained forward flow (a local file). decoder: latent data only, the frozen VAE
-    decoder the perceptual term compares images through (needed iff reverse_loss.perceptual > 0).
+    decoder the perceptual terms compare images through (needed iff reverse_loss has an active perceptual term).
     """
     train = cfg.train_forward if kind == "forward" else cfg.train_reverse
     torch.manual_seed(train.seed)  # initial weights from the config's seed, not from what the process ran before
@@ -89,7 +89,7 @@ def build_stage(kind: Kind, cfg: ExperimentConfig, data: TrainingData, forward_c
         raise ValueError("stage 2 needs the trained forward flow (forward_ckpt)")
     flow = frozen_flow(forward_ckpt, device)
     loss = cfg.reverse_loss
-    pnet = build_perceptual(loss).to(device) if loss.perceptual > 0 else None
+    pnet = build_perceptual(loss).to(device) if loss.perceptual_list() else None
     if pnet is not None and data.latent and decoder is None:
         raise ValueError("a perceptual loss on latent data needs the VAE decoder (decoder=)")
     rcfg = reverse_config_for(cfg.reverse, flow)
