@@ -36,7 +36,7 @@ def write(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
 
 # ------------------------------------------------------------- shipped spaces
 @pytest.mark.parametrize("name, trials, shared_forward", [
-    ("inverse_loss", 16, True), ("architecture", 12, True), ("forward", 6, False), ("ablation", 7, True)])
+    ("inverse_loss", 16, True), ("architecture", 12, True), ("forward", 6, False), ("ablation", 8, True)])
 def test_every_shipped_space_validates_against_the_digits_pipeline(base, name, trials, shared_forward):
     space = load_space(SPACES / f"{name}.yaml", base)
     assert space.num_trials() == trials
@@ -55,6 +55,9 @@ def test_the_ablation_space_lays_out_the_papers_table(base):
     assert rows[("denoising", "score_denoising")] == 42.62
     assert rows[("denoising", "no_denoising")] == 100.51
     assert rows[("norm control", "no_norm_control")] == 45.54
+    assert rows[("distance", "hidden_alignment")] == 31.88 and rows[("distance", "perceptual_combined")] == 2.46
+    combined = space.trial_config(base, {"row": "perceptual_combined"}).reverse_loss  # random_conv stand-ins, two seeds
+    assert [(t.net, t.weight, t.seed) for t in combined.perceptual_list()] == [("random_conv", 0.4, 0), ("random_conv", 0.1, 1)]
     assert space.spec.scheduler.type == "fifo"  # an ablation compares complete runs
     # coupled settings: hidden distillation feeds the heads back, and the trial config says so
     cfg = space.trial_config(base, {"row": "hidden_distillation"})
@@ -169,7 +172,7 @@ def test_the_cli_rejects_a_bad_space_before_anything_runs(tmp_path, capsys):
 def test_dry_run_lists_the_trials(capsys):
     assert main(["sweep", str(SPACES / "ablation.yaml"), "--pipeline", str(DIGITS), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "7 trial(s)" in out and "no_norm_control" in out and "ok:" in out
+    assert "8 trial(s)" in out and "no_norm_control" in out and "perceptual_combined" in out and "ok:" in out
 
 
 def test_resume_without_an_earlier_run_says_so(tmp_path, capsys):

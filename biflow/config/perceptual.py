@@ -32,6 +32,7 @@ class PerceptualTermConfig(_Section):
     weights: str | None = Field(
         None, description="local state-dict file of the net (torchvision vgg16 / official ConvNeXt-V2 keys); "
                           "required for every net but random_conv; nothing is downloaded")
+    seed: int = Field(0, description="random_conv: seed of its random weights (two seeds = two different nets)")
     lin_weights: str | None = Field(
         None, description="vgg_lpips / convnext: per-channel LPIPS weights, the lpips package's file (vgg.pth: "
                           "lin{l}.model.1.weight) or lin.{l} keys; None: those in `weights`, else all ones")

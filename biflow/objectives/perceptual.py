@@ -93,5 +93,5 @@ def build_perceptual(cfg: ReverseLossConfig) -> PerceptualLoss:
     terms = cfg.perceptual_list()
     if not terms:
         raise ConfigError("reverse_loss has no active perceptual term (perceptual_terms, or perceptual > 0)")
-    nets = [build_net(t.net, t.weights, t.lin_weights) for t in terms]
+    nets = [build_net(t.net, t.weights, t.lin_weights, t.seed) for t in terms]
     return PerceptualLoss(nets, term_labels([t.net for t in terms]), [t.weight for t in terms], cfg.perceptual_crop)

@@ -310,7 +310,8 @@ def load_backend(name: str, path: str | Path | None, lin_path: str | Path | None
     return net
 
 
-def build_net(name: str, weights: str | Path | None = None, lin_weights: str | Path | None = None) -> PerceptualNet:
-    """The frozen net `name`: random_conv, or a pretrained one from its local files."""
-    net = RandomConvFeatures() if name == "random_conv" else load_backend(name, weights, lin_weights)
+def build_net(name: str, weights: str | Path | None = None, lin_weights: str | Path | None = None,
+              seed: int = 0) -> PerceptualNet:
+    """The frozen net `name`: random_conv (seeded), or a pretrained one from its local files."""
+    net = RandomConvFeatures(seed=seed) if name == "random_conv" else load_backend(name, weights, lin_weights)
     return net.freeze()
