@@ -58,16 +58,17 @@ def checkpoint_data(ckpt: dict[str, Any], data_dir: str | Path | None = None, lo
 
 
 def warm_reference(data_dir: str | Path, features: str, inception_weights: str | Path | None, cache_dir: str | Path,
-                   device: str | torch.device = "cpu", log: Log | None = None) -> None:
+                   device: str | torch.device = "cpu", log: Log | None = None, max_reference: int | None = None) -> None:
     """Train the dataset evaluator and compute the reference statistics of `data_dir`'s train split into `cache_dir`,
-    once, before several samplers (Ray tasks, sweep trials) are scored in parallel and load them from there."""
+    once, before several samplers (Ray tasks, sweep trials) are scored in parallel and load them from there.
+    max_reference: a fixed seeded subset of that many training images (as score_checkpoint's)."""
     from biflow.data import load_split
     from biflow.metrics import Reference, get_feature_net, reference_stats
 
     reference = Reference.from_shardset(load_split(data_dir, "train"), "train")
     net = get_feature_net(features, inception_weights=inception_weights, reference=reference, cache_dir=cache_dir,
                           device=str(device), log=log)
-    reference_stats(reference, net, cache_dir)
+    reference_stats(reference, net, cache_dir, max_images=max_reference)
 
 
 def score_checkpoint(path: str | Path, sampler: str | None = None, *, num: int = 1000, guidance: float = 0.0,
