@@ -114,6 +114,7 @@ class KillRun:
     killed_node_id: str
     killed_at: float
     replacement: object
+    checkpoint_at_kill: int  # step of the latest checkpoint Ray Train had registered when the raylet was killed
     cache_violations: list[str] = field(default_factory=list)
     records_seen: dict[str, float] = field(default_factory=dict)  # step -> first time its record was seen
 
@@ -173,7 +174,7 @@ def kill_run(cluster, home, tmp_path_factory) -> KillRun:
                                 stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 900
-            while _registered_checkpoint(storage) is None:
+            while (checkpoint_at_kill := _registered_checkpoint(storage)) is None:
                 assert proc.poll() is None, f"the job ended before a checkpoint was registered:\n{log.read_text()[-4000:]}"
                 assert time.monotonic() < deadline, f"no Ray Train checkpoint after 900 s:\n{log.read_text()[-4000:]}"
                 time.sleep(0.1)
@@ -188,7 +189,7 @@ def kill_run(cluster, home, tmp_path_factory) -> KillRun:
             stop.set()
             watcher.join(timeout=10)
     done = subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
-    return KillRun(done, storage, node_ids[worker.ip], killed_at, replacement, violations, seen)
+    return KillRun(done, storage, node_ids[worker.ip], killed_at, replacement, checkpoint_at_kill, violations, seen)
 
 
 # ------------------------------------------------------------ quick refusals
@@ -224,14 +225,20 @@ def test_the_submitted_job_succeeds_although_a_node_died_mid_training(kill_run):
         assert re.search(rf"^  {step}\s+ran\b", out, re.M), f"{step} did not run:\n{out[-4000:]}"
 
 
-def test_training_resumed_from_the_registered_checkpoint(kill_run):
+def store_record(kill_run: KillRun, step: str) -> dict:
+    """The done record of the run's only cache entry of `step`."""
     from biflow.pipeline.cache import Storage
 
-    store = Storage(str(kill_run.storage))
-    key = next((kill_run.storage / "train_forward").iterdir()).name
-    training = store.read_record("train_forward", key)["result"]["training"]
+    key = next((kill_run.storage / step).iterdir()).name
+    return Storage(str(kill_run.storage)).read_record(step, key)
+
+
+def test_training_resumed_from_the_registered_checkpoint(kill_run):
+    training = store_record(kill_run, "train_forward")["result"]["training"]
     assert training["workers"] == 2 and training["steps"] == 300
-    assert 0 < training["resumed_from_step"] < 300, training  # continued from a checkpoint, not from scratch
+    # continued from the checkpoint registered before the kill (or a later one), not from scratch
+    assert kill_run.checkpoint_at_kill <= training["resumed_from_step"] < 300, (kill_run.checkpoint_at_kill, training)
+    assert training["resumed_from_step"] % 20 == 0, training  # a checkpoint step (train_forward.ckpt_every=20)
     assert kill_run.records_seen["train_forward"] > kill_run.killed_at  # no record from the attempt that lost a node
 
 
@@ -281,7 +288,8 @@ def test_every_run_and_artifact_reached_the_tracking_server(cluster, kill_run):
             assert stored.is_file() and stored.stat().st_size > 0, stored
     assert {"report.md", "report.json"} <= files(parents[0])
     fwd = children["train_forward"]
-    assert fwd.data.metrics["train/resumed_from_step"] > 0  # rank 0 logged its restart to the server
+    resumed = store_record(kill_run, "train_forward")["result"]["training"]["resumed_from_step"]
+    assert fwd.data.metrics["train/resumed_from_step"] == resumed > 0  # rank 0 logged its restart to the server
     assert [m.step for m in client.get_metric_history(fwd.info.run_id, "train/loss")][-1] == 300
     versions = client.search_model_versions("name='biflow-cluster-reverse'")
     assert [v.run_id for v in versions] == [children["train_reverse"].info.run_id]
