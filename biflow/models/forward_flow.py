@@ -100,19 +100,24 @@ class FlowBlock(nn.Module):
         if torch.is_autocast_enabled(device):
             like = self.pos.new_empty(0, dtype=torch.get_autocast_dtype(device))
         caches = [KVCache(rows, self.heads, length, head_dim, like) for _ in self.layers]
+        # what _embed adds to proj_in(x) at every position, computed once: positions + proj_in's bias (+ labels)
+        cond = (self.pos + self.proj_in.bias).expand(rows, -1, -1)
+        if self.class_emb is not None:
+            cond = cond + F.embedding(labels, self.class_rows())[:, None]  # (rows, T, W)
+        weight = self.proj_in.weight.t()
         x = torch.empty_like(zb)
         x[:, 0] = zb[:, 0]  # token 0 has a = b = 0
         for t in range(length - 1):
-            xt = x[:, t : t + 1]
-            h = self._embed(torch.cat([xt, xt]) if guided else xt, labels, t)  # (rows, 1, W)
+            xt = x[:, t]
+            h = torch.addmm(cond[:, t], torch.cat([xt, xt]) if guided else xt, weight)[:, None]  # (rows, 1, W)
             for layer, cache in zip(self.layers, caches):
                 h = layer.step(h, t, cache)
             a, b = self._affine(self.proj_out(self.norm(h)))  # params of token t + 1
-            if guided:
+            if guided:  # a + g (a - a_u) = lerp(a_u, a, 1 + g): one kernel each
                 g = guidance * (t + 1) / (length - 1)
                 (a, a_u), (b, b_u) = a.chunk(2), b.chunk(2)
-                a, b = a + g * (a - a_u), b + g * (b - b_u)
-            x[:, t + 1 : t + 2] = zb[:, t + 1 : t + 2] * torch.exp(a) + b
+                a, b = torch.lerp(a_u, a, 1 + g), torch.lerp(b_u, b, 1 + g)
+            x[:, t + 1 : t + 2] = torch.addcmul(b, zb[:, t + 1 : t + 2], a.exp())
         return self._order(x)
 
 

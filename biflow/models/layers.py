@@ -48,12 +48,15 @@ class Attention(nn.Module):
         return self.proj(rearrange(o, "n nh t hd -> n t (nh hd)"))
 
     def step(self, h: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """One causal decoding step: h is token `pos` (N, 1, W); attends to cached tokens <= pos."""
-        q, k, v = self._qkv(h)
+        """One causal decoding step: h is token `pos` (N, 1, W); attends to cached tokens <= pos.
+
+        Plain views instead of einops here: this runs (T - 1) x layers x blocks times per sample."""
+        n, _, width = h.shape
+        q, k, v = self.qkv(h).view(n, 1, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         cache.k[:, :, pos : pos + 1] = k
         cache.v[:, :, pos : pos + 1] = v
-        o = F.scaled_dot_product_attention(q, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1])
-        return self.proj(rearrange(o, "n nh t hd -> n t (nh hd)"))
+        o = F.scaled_dot_product_attention(q, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1])  # (N, nh, 1, hd)
+        return self.proj(o.reshape(n, 1, width))
 
 
 class MLP(nn.Module):
