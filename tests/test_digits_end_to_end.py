@@ -38,13 +38,14 @@ def test_stage1_lowers_the_noisy_data_bits_per_dim_well_below_the_untrained_flow
 
 def test_stage1_standard_bits_per_dim_is_below_the_untrained_flow_and_within_8_bit_range(digits_models):
     """The standard bits/dim (uniformly dequantised 8-bit test pixels, test/bits_per_dim) of the trained flow is below
-    the untrained flow's and inside (0, 8): an upper bound on -log2 P(u) that beats storing the raw 8 bits."""
+    the untrained flow's by at least 2.1 and inside (0, 8): an upper bound on -log2 P(u) that beats storing the raw
+    8 bits (measured: 8.838 -> 6.157)."""
     flow, test = digits_models.flow, digits_models.test
     x, y = to_model(test.images), torch.as_tensor(test.labels)
     untrained = evaluate_bpd(type(flow)(flow.cfg).eval(), x, y)
     trained = evaluate_bpd(flow, x, y)
     print(f"\ntest bits/dim (uniform dequantisation): untrained {untrained:.3f} -> trained {trained:.3f}")
-    assert 0 < trained < 8 and trained < untrained
+    assert 0 < trained < 8 and untrained - trained > 2.1  # measured 2.68 (the fixture's 600-step flow)
 
 
 def test_the_exact_sampler_draws_digits_of_the_requested_class(digits_models, digits_evaluator):
