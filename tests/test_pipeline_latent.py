@@ -75,11 +75,18 @@ def test_ray_data_encoding_writes_the_same_bytes_as_in_process_and_train_workers
 
     from biflow.latent import encode_shards, latents_from_rows, load_latent_split, read_latent_manifest
 
+    import torch
+
     step = only(latent_run / "latent") / "latents"
-    local = encode_shards(only(latent_run / "prepare") / "data", tmp_path / "local", str(vae_dir), batch_size=5,
-                          use_ray=False)
-    for split in ("train", "test"):
-        assert read_latent_manifest(step / split)["content_hash"] == read_latent_manifest(local / split)["content_hash"]
+    caller = torch.get_num_threads()
+    for threads in (1, 2):  # the caller's thread count does not change the bytes (encoding uses the actors' count)
+        torch.set_num_threads(threads)
+        local = encode_shards(only(latent_run / "prepare") / "data", tmp_path / f"local{threads}", str(vae_dir),
+                              batch_size=32, use_ray=False)  # the step's batch size: the floats depend on it too
+        assert torch.get_num_threads() == threads  # and it is restored
+        for split in ("train", "test"):
+            assert read_latent_manifest(step / split)["content_hash"] == read_latent_manifest(local / split)["content_hash"]
+    torch.set_num_threads(caller)
     train = load_latent_split(step, "train")
     rows = ray.data.read_parquet(str(step / "train")).take_batch(len(train), batch_format="numpy")
     x, y = latents_from_rows(rows, train.meta)  # rows in any order: compare them sorted

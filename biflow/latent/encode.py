@@ -111,7 +111,9 @@ def encode_shards(
         `num_cpus` CPUs and, with use_gpu, one GPU; Ray Data's read tasks need a free CPU beside them, so a
         Ray task calling this should itself reserve none. None = use Ray iff it is already initialised
         (inside a pipeline step). False: in-process, on CUDA if use_gpu and available, one whole split in
-        memory at a time. On the same kind of device both paths write the same bytes.
+        memory at a time. Both paths encode on int(num_cpus) torch threads (the VAE's float results depend on
+        the thread count and the batch size), so on the same kind of device they write the same bytes,
+        whatever thread count the calling process had.
     A split whose manifest records the same recipe (source content hash, VAE weights, codec settings,
     storage dtype) is not encoded again.
     """
@@ -160,10 +162,15 @@ def encode_shards(
             raise ShardError(f"{src_dir}: splits have different image shapes {sorted(image_shapes)}")
         files = {str(src / name): writer for src, names, writer in todo for name in names}
         _encode_on_ray(files, cfg, image_shapes.pop(), batch_size, use_gpu, workers, num_cpus, bar)
-    for src, _, writer in todo:
-        if not use_ray:
-            _encode_in_process(src, writer, driver_codec, cfg, batch_size, bar)
-        done = writer.close()
-        log.info("latents: encoded %d images of %s into %s", done["count"], src, writer.out_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(max(1, num_cpus)))  # as each actor does
+    try:
+        for src, _, writer in todo:
+            if not use_ray:
+                _encode_in_process(src, writer, driver_codec, cfg, batch_size, bar)
+            done = writer.close()
+            log.info("latents: encoded %d images of %s into %s", done["count"], src, writer.out_dir)
+    finally:
+        torch.set_num_threads(threads)
     bar.close()
     return out_dir
