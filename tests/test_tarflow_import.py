@@ -303,3 +303,26 @@ def test_the_forward_flow_switches_default_to_the_original_architecture_and_chan
     assert torch.equal(mlp(h), mlp.fc2(F.gelu(mlp.fc1(h))))
     tanh = default.blocks[0].layers[0].mlp
     assert torch.equal(tanh(h), tanh.fc2(F.gelu(tanh.fc1(h), approximate="tanh")))
+
+
+def test_biflow_train_stage_2_runs_on_an_imported_flow_that_records_its_data(tf, tmp_path, capsys):
+    """`--data DIR` records the prepared digits the flow models, and `biflow train --stage reverse --forward` trains
+    G against the import; an import that records no data is a one-line error there, as is data of another shape."""
+    from biflow.config import DataConfig
+    from biflow.data import prepare
+
+    data = prepare(DataConfig(name="digits"), tmp_path / "data")
+    torch.save(reference_model(tf, "cond-2-blocks-1-layer").state_dict(), tmp_path / "t.pth")
+    assert cli(capsys, "import-tarflow", str(tmp_path / "t.pth"), "--out", str(tmp_path / "f.pt"), "--data", str(data))[0] == 0
+    assert read_checkpoint(tmp_path / "f.pt")["data_dir"] == str(data.resolve())
+    code, out, err = cli(capsys, "train", "--stage", "reverse", "--forward", str(tmp_path / "f.pt"), "--out", str(tmp_path / "run"),
+                         "--no-progress", "--set", "reverse.size=tiny", "--set", "train_reverse.steps=2",
+                         "--set", "train_reverse.batch_size=8")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "run" / "reverse.pt").cfg.num_blocks == 2
+    assert cli(capsys, "import-tarflow", str(tmp_path / "t.pth"), "--out", str(tmp_path / "g.pt"))[0] == 0
+    code, _, err = cli(capsys, "train", "--stage", "reverse", "--forward", str(tmp_path / "g.pt"), "--out", str(tmp_path / "r2"))
+    assert code == 2 and "records no training data" in err and len(err.strip().splitlines()) == 1
+    torch.save(reference_model(tf, "uncond-3-blocks-2-layers").state_dict(), tmp_path / "rgb.pth")
+    code, _, err = cli(capsys, "import-tarflow", str(tmp_path / "rgb.pth"), "--out", str(tmp_path / "h.pt"), "--data", str(data))
+    assert code == 2 and "the flow models 3x8x8 images, the data has 1x8x8" in err

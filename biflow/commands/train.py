@@ -40,7 +40,9 @@ def run(args) -> int:
         forward = args.forward or args.out / "forward.pt"
         if not forward.is_file():
             raise UserError(f"{forward}: no forward checkpoint; train stage 1 first or pass --forward")
-        data_dir = read_checkpoint(forward)["data_dir"]
+        data_dir = read_checkpoint(forward).get("data_dir")
+        if not data_dir:  # e.g. a flow imported without --data
+            raise UserError(f"{forward}: records no training data; pass it when importing (biflow import-tarflow --data DIR)")
     trainer, ckpt = train_stage_into(args.stage, cfg, args.out, data_dir, forward, on_log=print_log,
                                      progress=not args.no_progress)
     print(f"{args.stage}: {trainer.step} steps, checkpoint {ckpt}")
