@@ -36,7 +36,8 @@ def score_sampler(spec: dict[str, Any]) -> dict[str, Any]:
     num = spec["num_samples"]
     return score_checkpoint(spec["checkpoint"], spec["sampler"], num=num, guidance=spec["guidance"], seed=spec["seed"],
                             device=spec["device"], features=spec["features"], inception_weights=spec["inception_weights"],
-                            data_dir=spec["data_dir"], cache_dir=spec["cache_dir"], batch=spec["batch_size"],
+                            data_dir=spec["data_dir"], cache_dir=spec["cache_dir"], max_reference=spec["max_reference"],
+                            batch=spec["batch_size"],
                             time_batch=min(spec["timing_batch"], num), repeats=spec["timing_repeats"], keep=spec["grid"])
 
 
@@ -71,12 +72,12 @@ def run_evaluate(ctx: StepContext) -> dict[str, Any]:
     cache_dir = metrics_cache(ctx.storage)
     ddir = data_dir(ctx)
     device = resolve_device(ev.device, "pipeline.evaluate.device")
-    warm_reference(ddir, ev.features, ev.inception_weights, cache_dir, device, ctx.log)  # once, before the fan-out
+    warm_reference(ddir, ev.features, ev.inception_weights, cache_dir, device, ctx.log, ev.max_reference)  # once, before the fan-out
     ckpts = {"1nfe": ctx.input_dir("train_reverse") / ctx.inputs["train_reverse"]["result"]["checkpoint"],
              "exact": ctx.input_dir("train_forward") / ctx.inputs["train_forward"]["result"]["checkpoint"]}
     specs = [dict(sampler=s, checkpoint=str(ckpts[s]), data_dir=str(ddir), cache_dir=str(cache_dir), guidance=ev.guidance,
                   seed=ev.seed, device=ev.device, cpus=ev.cpus, features=ev.features, inception_weights=ev.inception_weights,
-                  num_samples=ev.num_samples, batch_size=ev.batch_size, timing_batch=ev.timing_batch,
+                  num_samples=ev.num_samples, max_reference=ev.max_reference, batch_size=ev.batch_size, timing_batch=ev.timing_batch,
                   timing_repeats=ev.timing_repeats, grid=ev.grid) for s in ev.samplers]
     ctx.log(f"{', '.join(ev.samplers)}: {ev.num_samples} samples each, {ev.features} features, in parallel")
     results = _fan_out(score_sampler, specs, {"num_cpus": ev.cpus, "num_gpus": ev.gpus})
@@ -172,6 +173,12 @@ def run_report(ctx: StepContext) -> dict[str, Any]:
     if any(r["metric_name"] == "fd_evaluator" for r in samplers.values()):
         lines += ["", "fd_evaluator is the Fréchet distance on a small CNN trained on this dataset: it ranks models "
                       "on one dataset and is not comparable with FID."]
+    fid = [r for r in samplers.values() if r["metric_name"] == "fid"]
+    if fid:
+        lines += ["", f"FID: InceptionV3 pool features (2048-d), {fid[0]['num_samples']} samples per sampler against "
+                      f"{fid[0]['num_reference']} training images; FID depends on these counts (the paper uses 50000), so "
+                      "compare only FIDs with the same ones." + ("" if fid[0]["is"] is not None else
+                      " IS is n/a: this Inception network has no logits head.")]
     lines += ["", "![quality vs speed](fid_vs_speed.png)", "", f"Samples (1-NFE and exact, same seed): {side}", ""]
     atomic_write_bytes(ctx.out / "report.md", "\n".join(lines).encode())
     if ctx.run is not None:

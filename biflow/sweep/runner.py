@@ -189,7 +189,7 @@ def _run(run: SweepRun) -> SweepResult:
     # the evaluator and reference statistics once, before trials load them in parallel
     ev = driver_cfg.pipeline.evaluate
     warm_reference(data_dir(ctx), ev.features, ev.inception_weights, metrics_cache(run.storage),
-                   log=lambda m: run.echo(f"  {m}"))
+                   log=lambda m: run.echo(f"  {m}"), max_reference=ev.max_reference)
     exact_ref = None  # the shared forward flow's exact inverse: a reference point (and the ablation's first row)
     if run.space.spec.reference_exact and "train_forward" in records:
         exact_ref = start_reference(run.space, driver_cfg, ctx, run.storage, run.run_dir, run.echo)

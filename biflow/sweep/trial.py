@@ -263,7 +263,8 @@ def sampler_spec(sampler: str, checkpoint: Path, cfg, data_dir: str | Path, stor
     ev = cfg.pipeline.evaluate
     return dict(sampler=sampler, checkpoint=str(checkpoint), data_dir=str(data_dir), cache_dir=str(metrics_cache(storage)),
                 guidance=ev.guidance, seed=ev.seed, device=ev.device, cpus=threads, features=ev.features,
-                inception_weights=ev.inception_weights, num_samples=ev.num_samples, batch_size=ev.batch_size,
+                inception_weights=ev.inception_weights, num_samples=ev.num_samples, max_reference=ev.max_reference,
+                batch_size=ev.batch_size,
                 timing_batch=min(ev.timing_batch, ev.num_samples), timing_repeats=1, grid=ev.grid)
 
 
