@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from biflow.atomic import atomic_path
-from biflow.errors import CheckpointError
+from biflow.errors import CheckpointError, UserError
 
 FORMAT = "biflow-checkpoint-v1"
 
@@ -46,15 +46,28 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def load_tensor_file(path: str | Path, what: str, error: type[UserError] = CheckpointError,
+                     map_location: str | torch.device = "cpu") -> Any:
+    """torch.load a local file with weights_only=True (tensors and plain containers only, never pickled code).
+
+    A missing or unreadable file (truncated zip, garbage bytes, pickled objects) is one line of `error` naming `what`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every way a file can fail to load is the same one-line error
+        first = (str(err).splitlines() or [""])[0][:120]
+        raise error(f"{path}: not a readable {what} ({type(err).__name__}: {first})") from None
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint dict (weights_only=True); one-line CheckpointError on any problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, garbage bytes, pickled code: all unreadable here
-        raise CheckpointError(f"{path}: not a readable biflow checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    ckpt = load_tensor_file(path, "biflow checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a biflow checkpoint (missing format tag {FORMAT!r})")
     return ckpt

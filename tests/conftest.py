@@ -17,6 +17,16 @@ def randomize_flow(flow: ForwardFlow, std: float = 0.2, seed: int = 0) -> Forwar
     return flow
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of tiny models: intra-op threading only adds overhead (and contention on
+    shared CI). Use with `pytestmark = pytest.mark.usefixtures("single_thread")`; the count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_flow():
     """Factory for a random non-trivial tiny flow: make_flow(dtype=..., randomize=True, **ForwardConfig fields)."""

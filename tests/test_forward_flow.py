@@ -23,13 +23,7 @@ from biflow.training.forward import evaluate_bpd, evaluate_noisy_bpd
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: intra-op threading only adds overhead (and contention on shared CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one torch thread (conftest)
 
 
 def rand_images(flow: ForwardFlow, n: int = 3, seed: int = 1, dtype=torch.float32) -> torch.Tensor:

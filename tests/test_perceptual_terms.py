@@ -22,12 +22,7 @@ GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
 DIMS, DEPTHS = (8, 16, 24, 32), (1, 1, 2, 1)  # a small ConvNeXt-V2 in the official layout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one torch thread (conftest)
 
 
 def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -50,12 +50,7 @@ def tf():
         sys.path.remove(str(REFERENCE_DIR))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one torch thread (conftest)
 
 
 def reference_model(tf, name: str, seed: int = 0, **kw):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from biflow.checkpoint import FORMAT, atomic_save, load_weights
+from biflow.checkpoint import FORMAT, atomic_save, load_tensor_file, load_weights
 from biflow.config import ForwardConfig
 from biflow.errors import CheckpointError
 from biflow.models.forward_flow import ForwardFlow
@@ -69,14 +69,7 @@ def unwrap_state(obj: Any, where: str) -> dict[str, torch.Tensor]:
 
 def read_tarflow_state(path: str | Path) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) an ml-tarflow checkpoint and return its Model state dict (prefixes removed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-    return unwrap_state(obj, str(path))
+    return unwrap_state(load_tensor_file(path, "checkpoint"), str(path))
 
 
 def _need(state: dict[str, torch.Tensor], key: str, where: str) -> torch.Tensor:

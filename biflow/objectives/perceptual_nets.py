@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from biflow.checkpoint import load_tensor_file
 from biflow.config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -281,13 +282,7 @@ BACKENDS = {"vgg_lpips": VGG16Features, "convnext": ConvNeXtV2Features, "convnex
 
 
 def _read(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"{path}: not a readable state-dict file for {what} ({type(err).__name__})") from None
+    sd = load_tensor_file(path, what, ConfigError)
     if not isinstance(sd, dict):
         raise ConfigError(f"{path}: {what} must be a state dict, got {type(sd).__name__}")
     return sd
