@@ -1,5 +1,7 @@
-"""Shared fixtures: small, deterministic, non-trivial forward flows."""
+"""Shared fixtures: small, deterministic, non-trivial forward flows; one torch thread; one local Ray per module."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -25,6 +27,23 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a module of pipeline tests (no dashboard: nothing needs the state API); the pipelines use
+    their own default MLflow store under the test's storage, so MLFLOW_TRACKING_URI is unset meanwhile."""
+    import ray
+
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if ray.is_initialized():  # left over by another module: start ours with the settings below
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}})
+    yield
+    ray.shutdown()
+    if saved_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 @pytest.fixture

@@ -42,20 +42,7 @@ def sets(storage: Path, *extra: str) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One Ray instance for the module (no dashboard: nothing here needs the state API)."""
-    import ray
-
-    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)  # the pipelines' own default store, under tmp storage
-    if ray.is_initialized():  # left over by another module: start ours with the settings below
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}})
-    yield
-    ray.shutdown()
-    if saved_uri is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the module (conftest)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

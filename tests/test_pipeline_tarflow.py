@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -48,21 +47,6 @@ def tarflow_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tarflow")
     return script.train_reference(root / "tarflow_digits.pth", steps=20, blocks=2, layers=1, batch=32,
                                   data_dir=root / "data", log_every=0)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}})
-    yield
-    ray.shutdown()
-    if saved_uri is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 def sets(*items: str) -> list[str]:
