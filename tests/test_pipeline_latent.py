@@ -18,10 +18,11 @@ from biflow.cli import main
 from biflow.pipeline.cache import RECORD, Storage
 from biflow.pipeline.runner import plan
 from biflow.pipeline.spec import load_pipeline
-from test_pipeline import ROOT, TINY, local_ray, run_cli, table  # noqa: F401 - local_ray: the module's Ray
+from test_pipeline import ROOT, TINY, run_cli, table
 
 PATCHES = ROOT / "pipelines" / "patches.yaml"
 STEPS = ["prepare", "latent", "train_forward", "train_reverse", "evaluate", "report"]
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the module (conftest)
 
 
 @pytest.fixture(scope="module")
