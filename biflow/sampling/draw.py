@@ -33,6 +33,7 @@ class Sampler:
     nfe: int  # sequential network evaluations per sample (metrics.speed.sampler_nfe)
     denoise: bool  # whether the score-based (Tweedie) step is applied
     decode: Decoder | None  # latent space: latents -> images (N, 3, H, W) in [-1, 1]; None in pixel space
+    record: dict  # the checkpoint's entries other than its tensors (kind, data, data_dir, data_hash, ...)
 
     def images(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples as images in [-1, 1] (decoded in latent space)."""
@@ -83,6 +84,7 @@ def load_sampler(path: str | Path, sampler: str | None = None, guidance: float =
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     gen = torch.Generator(device).manual_seed(seed)
     decode = image_decoder(ckpt, device)
+    record = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "ema_count", "optimizer", "scheduler")}
     on_device = lambda y: None if y is None else y.to(device)  # noqa: E731
     if sampler == "exact":
         flow = load_checkpoint(forward_checkpoint_of(path), device=device)
@@ -90,7 +92,7 @@ def load_sampler(path: str | Path, sampler: str | None = None, guidance: float =
         nfe = sampler_nfe("exact", num_blocks=flow.cfg.num_blocks, num_tokens=flow.cfg.num_tokens, guidance=guidance,
                           conditional=flow.cfg.num_classes > 0, denoise=score)
         return Sampler("exact", lambda n, y: sample_exact(flow, n, on_device(y), guidance, denoise, generator=gen),
-                       flow.cfg.num_classes, nfe, score, decode)
+                       flow.cfg.num_classes, nfe, score, decode, record)
     if ckpt["kind"] != "reverse":
         raise UserError(f"{path}: the 1nfe sampler needs a reverse-model checkpoint (this one is {ckpt['kind']}); "
                         "use the exact sampler")
@@ -98,7 +100,7 @@ def load_sampler(path: str | Path, sampler: str | None = None, guidance: float =
     score = denoise and ckpt.get("denoising") == "score"  # trained without learned denoising: TARFlow's step
     flow = load_checkpoint(forward_checkpoint_of(path), device=device) if score else None
     return Sampler("1nfe", lambda n, y: sample_1nfe(reverse, n, on_device(y), guidance, generator=gen, denoise_flow=flow),
-                   reverse.cfg.num_classes, sampler_nfe("1nfe", denoise=score), score, decode)
+                   reverse.cfg.num_classes, sampler_nfe("1nfe", denoise=score), score, decode, record)
 
 
 @dataclass

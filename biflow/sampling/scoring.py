@@ -83,7 +83,6 @@ def score_checkpoint(path: str | Path, sampler: str | None = None, *, num: int =
     keep: the first `keep` images come back under "grid" (uint8 NHWC), with balanced labels 0, 1, ..., K-1, 0, ...
     Returns a JSON-able dict (plus "grid") whose quality key is `metric_name` ("fd_evaluator" or "fid").
     """
-    from biflow.checkpoint import read_checkpoint
     from biflow.metrics import Reference, evaluate_sampler, get_feature_net
     from biflow.metrics.evaluator import load_or_train_evaluator
 
@@ -92,10 +91,8 @@ def score_checkpoint(path: str | Path, sampler: str | None = None, *, num: int =
     t_start, c_start = time.perf_counter(), time.process_time()
     device = resolve_device(device, "device")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    ckpt = read_checkpoint(path)
     s = load_sampler(path, sampler, guidance, denoise, seed, device)
-    for key in ("model", "ema", "optimizer", "scheduler"):  # the weights live in the sampler's models now
-        ckpt.pop(key, None)
+    ckpt = s.record  # the checkpoint without its tensors (read once, by load_sampler)
     train, test = checkpoint_data(ckpt, data_dir, log)
     reference = Reference.from_shardset(train, "train")
     net = get_feature_net(features, inception_weights=inception_weights, reference=reference, cache_dir=cache_dir,
